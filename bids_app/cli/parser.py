@@ -1,0 +1,118 @@
+"""The BIDS-Apps command line of ArborSeg (conventions of fMRIPrep and MRIQC)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from .._version import __version__
+
+EPILOG = """\
+exit codes:
+  0    every selected participant was processed (or the group step finished)
+  1    the run finished but at least one participant failed (see the summary and logs/)
+  2    command-line usage error
+  3    the input dataset, the participant/session selection, a filter file or the
+       output/work location cannot be used (one line says which file and why)
+  4    a required resource (e.g. a TemplateFlow template) is not available offline
+  130  interrupted (Ctrl-C); re-run with the same --work-dir to resume
+"""
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} must be at least 1")
+    return number
+
+
+def _positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"{value!r} must be positive")
+    return number
+
+
+def _voxel_size(value: str) -> float:
+    number = _positive_float(value)
+    if not 0.5 <= number <= 3.0:
+        raise argparse.ArgumentTypeError(f"{value!r}: the conformed voxel size must be between 0.5 and 3 mm")
+    return number
+
+
+def _existing_file(value: str) -> Path:
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{value}: file not found")
+    return path.resolve()
+
+
+def get_parser() -> argparse.ArgumentParser:
+    """The parser of ``arborseg``; every option is documented in the README."""
+    parser = argparse.ArgumentParser(
+        prog="arborseg",
+        description="ArborSeg: preprocessing and segmentation of anatomical MRI in BIDS datasets (BIDS App).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("bids_dir", type=Path, help="root folder of a BIDS dataset (read only, never written)")
+    parser.add_argument("output_dir", type=Path,
+                        help="folder of the derivatives (anywhere, e.g. <bids_dir>/derivatives/arborseg)")
+    parser.add_argument("analysis_level", choices=["participant", "group"],
+                        help="'participant' processes subjects; 'group' gathers their results into group tables "
+                             "and a group report")
+    parser.add_argument("--version", action="version", version=f"ArborSeg {__version__}")
+
+    sel = parser.add_argument_group("selecting data")
+    sel.add_argument("--participant-label", "--participant_label", nargs="+", metavar="LABEL", default=[],
+                     help="subjects to process, with or without 'sub-' (default: all)")
+    sel.add_argument("--session-label", "--session_label", nargs="+", metavar="LABEL", default=[],
+                     help="sessions to process, with or without 'ses-' (default: all)")
+    sel.add_argument("--bids-filter-file", "--bids_filter_file", type=_existing_file, metavar="FILE",
+                     help="JSON with pybids filters per image kind, e.g. {\"t1w\": {\"acquisition\": \"mprage\"}}")
+    sel.add_argument("--skip-bids-validation", "--skip_bids_validation", action="store_true",
+                     help="do not check file names against the BIDS specification")
+
+    perf = parser.add_argument_group("resources")
+    perf.add_argument("-w", "--work-dir", type=Path, metavar="DIR",
+                      help="folder of intermediate results; re-using it resumes an interrupted run "
+                           "(default: ./work, which must not lie inside the input dataset)")
+    perf.add_argument("--clean-workdir", action="store_true",
+                      help="delete this run's intermediate results after a fully successful run")
+    perf.add_argument("--nprocs", "--nthreads", "--n-cpus", type=_positive_int, metavar="N",
+                      default=None, help="processes run in parallel (default: all CPUs)")
+    perf.add_argument("--omp-nthreads", type=_positive_int, metavar="N", default=None,
+                      help="threads per process for ANTs/ITK and PyTorch (default: --nprocs, at most 8). "
+                           "Results do not depend on it.")
+    perf.add_argument("--mem-gb", type=_positive_float, metavar="GB",
+                      help="upper bound on memory the scheduler may plan for (default: no bound)")
+    perf.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                      help="where neural networks run: auto picks CUDA when available (default: auto)")
+    perf.add_argument("--random-seed", type=int, default=42, metavar="SEED",
+                      help="seed of every random choice (registration sampling, MC-dropout); default 42")
+    perf.add_argument("--stop-on-first-crash", action="store_true",
+                      help="stop the whole run at the first failing step instead of finishing other subjects")
+
+    wf = parser.add_argument_group("workflow")
+    wf.add_argument("--template", default="MNI152NLin6Asym", metavar="NAME",
+                    help="TemplateFlow template for registration and the cerebellum crop (default: MNI152NLin6Asym)")
+    wf.add_argument("--templateflow-home", type=Path, metavar="DIR",
+                    default=Path(os.environ["TEMPLATEFLOW_HOME"]) if os.getenv("TEMPLATEFLOW_HOME") else None,
+                    help="folder of TemplateFlow templates (default: $TEMPLATEFLOW_HOME, else ~/.cache/templateflow)")
+    wf.add_argument("--voxel-size", type=_voxel_size, default=1.0, metavar="MM",
+                    help="isotropic voxel size of the conformed T1w space (default 1.0 mm)")
+    wf.add_argument("--no-denoise", action="store_true", help="skip non-local means denoising")
+    wf.add_argument("--reports-only", action="store_true",
+                    help="only rebuild the HTML reports from the outputs of an earlier run")
+
+    other = parser.add_argument_group("other")
+    other.add_argument("-v", "--verbose", action="count", default=0,
+                       help="more log messages (-v: details, -vv: Nipype's own messages)")
+    return parser

@@ -1,0 +1,260 @@
+"""Participant level: check inputs, run the Nipype graph, write records, reports and a summary."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from ..bids import AnatInputs, atomic_write_text, collect_anatomical, load_layout, write_dataset_description
+from ..config import RunConfig
+from ..errors import EXIT_OK, EXIT_PARTICIPANT_FAILED, ArborSegError, DatasetError
+
+LOGGER = logging.getLogger("arborseg")
+
+
+@dataclass
+class SubjectRun:
+    """What happened to one subject/session in this run (becomes ``logs/<label>_record.json``)."""
+
+    inputs: AnatInputs
+    status: str = "pending"  # pending | success | failed | skipped
+    error: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    input_summary: list[dict] = field(default_factory=list)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    failed_nodes: list[str] = field(default_factory=list)
+
+
+class StageTimer:
+    """Nipype ``status_callback``: per-stage wall time, failures and progress lines."""
+
+    def __init__(self, runs: dict[str, SubjectRun], total_nodes: int):
+        self.runs = runs
+        self.total = max(total_nodes, 1)
+        self.done = 0
+        self.started: dict[str, float] = {}
+        self.t0 = time.monotonic()
+
+    @staticmethod
+    def _split(fullname: str) -> tuple[str | None, str]:
+        parts = fullname.split(".")
+        # arborseg_wf.<subject>_wf.<wf>[.<stage>_wf].<node>
+        subject = parts[1] if len(parts) > 2 else None
+        inner = parts[2:-1]
+        if inner and inner[0] == "anat_preproc_wf" and len(inner) > 1:
+            stage = inner[1]
+        elif inner:
+            stage = inner[0]
+        else:
+            stage = parts[-1]
+        return subject, stage.removesuffix("_wf")
+
+    def __call__(self, node, status: str) -> None:
+        name = node.fullname
+        subject, stage = self._split(name)
+        run = self.runs.get(subject or "")
+        if status == "start":
+            self.started[name] = time.monotonic()
+            return
+        seconds = time.monotonic() - self.started.pop(name, time.monotonic())
+        self.done += 1
+        if run is None:
+            return
+        run.stage_seconds[stage] = run.stage_seconds.get(stage, 0.0) + seconds
+        if status == "exception":
+            run.failed_nodes.append(name)
+            LOGGER.error("%s | %s failed after %.1f s", run.inputs.label, stage, seconds)
+        elif seconds >= 1.0:
+            elapsed = time.monotonic() - self.t0
+            LOGGER.info("%s | %-24s %6.1f s   [%d/%d steps, %.0f s elapsed]", run.inputs.label, stage, seconds,
+                        self.done, self.total, elapsed)
+
+
+def preflight(run: SubjectRun) -> None:
+    """Check the images of one subject before any work; mark it failed with one clear line."""
+    from ..core.images import describe_image, load_anatomical
+
+    inputs = run.inputs
+    run.warnings.extend(inputs.notes)
+    if inputs.t1w is None:
+        run.status, run.error = "failed", f"{inputs.label}: no T1w image found (anat/*_T1w.nii[.gz])"
+        return
+    for suffix, path in (("T1w", inputs.t1w), ("T2w", inputs.t2w), ("FLAIR", inputs.flair)):
+        if path is None:
+            continue
+        entry = {"path": str(path), "suffix": suffix, "used": suffix == "T1w",
+                 "note": "" if suffix == "T1w" else "kept for later stages"}
+        try:
+            entry.update(describe_image(path))
+        except Exception:  # the full check below says what is wrong
+            pass
+        run.input_summary.append(entry)
+    try:
+        _img, warnings = load_anatomical(inputs.t1w)
+    except ArborSegError as exc:
+        run.status, run.error = "failed", str(exc)
+        return
+    run.warnings.extend(warnings)
+
+
+def _count_nodes(wf) -> int:
+    return sum(1 for _ in wf._get_all_nodes())
+
+
+def _crash_message(crash_dir: Path, node_names: list[str], since: float) -> str | None:
+    """The last exception line of the crash file of the first failed node."""
+    if not crash_dir.is_dir():
+        return None
+    for fullname in node_names:
+        short = fullname.split(".")[-1]
+        for crash in sorted(crash_dir.glob(f"crash-*{short}*.txt")):
+            if crash.stat().st_mtime + 1 < since:
+                continue
+            lines = [ln.strip() for ln in crash.read_text(errors="replace").splitlines() if ln.strip()]
+            for line in reversed(lines):
+                if "Error" in line.split(":")[0] or "Exception" in line.split(":")[0]:
+                    return f"{fullname.split('.', 2)[-1]}: {line}"
+            return f"{fullname}: failed (see {crash})"
+    return None
+
+
+def run_participant(config: RunConfig, *, clean_workdir: bool = False) -> int:
+    """Run the participant level; returns the exit code."""
+    from ..reports.build import software_versions, write_citation, write_record, write_subject_report
+    from ..resources import resolve_template
+
+    start = time.time()
+    layout = load_layout(config.bids_dir, validate=not config.skip_bids_validation)
+    subjects = collect_anatomical(layout, participant_label=config.participant_label,
+                                  session_label=config.session_label, bids_filters=config.bids_filters)
+    if not subjects:
+        raise DatasetError(f"{config.bids_dir}: no subject/session matches the selection")
+    runs = {s.workflow_name.removesuffix("_wf") + "_wf": SubjectRun(inputs=s) for s in subjects}
+    LOGGER.info("ArborSeg %s | %d subject/session(s) selected | output: %s", config.version, len(runs),
+                config.output_dir)
+
+    logs = config.output_dir / "logs"
+    config.output_dir.mkdir(parents=True, exist_ok=True)
+    write_dataset_description(config.output_dir, bids_dir=config.bids_dir, version=config.version)
+    atomic_write_text(logs / f"config-{config.run_uuid}.toml", config.to_toml())
+    versions = software_versions()
+
+    if config.reports_only:
+        return _reports_only(config, runs, versions)
+
+    template = resolve_template(config.template, home=config.templateflow_home,
+                                registration_resolution=config.preproc.registration_resolution)
+    write_citation(config, versions)
+    for run in runs.values():
+        preflight(run)
+        for warning in run.warnings:
+            LOGGER.warning("%s", warning)
+        if run.status == "failed":
+            LOGGER.error("%s", run.error)
+    ready = [r for r in runs.values() if r.status == "pending"]
+    if ready:
+        _execute(config, template, runs, ready)
+    for run in ready:
+        _check_outputs(config, run)
+
+    for run in runs.values():
+        record = write_record(config, run, versions=versions, template=config.template)
+        report = write_subject_report(config.output_dir, record)
+        LOGGER.info("%s | report: %s", run.inputs.label, report)
+    if clean_workdir and all(r.status == "success" for r in runs.values()):
+        shutil.rmtree(config.work_dir / "arborseg_wf", ignore_errors=True)
+    return _summary(runs, time.time() - start)
+
+
+def _execute(config: RunConfig, template, runs: dict[str, SubjectRun], ready: list[SubjectRun]) -> None:
+    from nipype import config as ncfg
+
+    from workflows.base import init_arborseg_wf
+
+    crash_dir = config.output_dir / "logs" / "crash"
+    ncfg.set("execution", "crashdump_dir", str(crash_dir))
+    ncfg.set("execution", "crashfile_format", "txt")
+    ncfg.set("execution", "hash_method", "content")
+    ncfg.set("execution", "stop_on_first_crash", str(config.stop_on_first_crash).lower())
+    ncfg.set("execution", "remove_unnecessary_outputs", "false")
+    ncfg.set("monitoring", "enabled", "false")
+
+    config.work_dir.mkdir(parents=True, exist_ok=True)
+    wf = init_arborseg_wf(subjects=[r.inputs for r in ready], bids_dir=config.bids_dir, output_dir=config.output_dir,
+                          work_dir=config.work_dir, template=template, preproc=config.preproc,
+                          omp_nthreads=config.omp_nthreads, random_seed=config.random_seed)
+    wf.config["execution"].update({"crashdump_dir": str(crash_dir), "crashfile_format": "txt",
+                                   "stop_on_first_crash": config.stop_on_first_crash, "hash_method": "content"})
+    timer = StageTimer(runs, _count_nodes(wf))
+    plugin_args = {"status_callback": timer, "raise_insufficient": False}
+    if config.nprocs > 1:
+        plugin, plugin_args["n_procs"] = "MultiProc", config.nprocs
+        if config.mem_gb:
+            plugin_args["memory_gb"] = config.mem_gb
+    else:
+        plugin = "Linear"
+    started = time.time()
+    LOGGER.info("running %d subject workflow(s) with %s (nprocs=%d, omp-nthreads=%d), work dir %s", len(ready),
+                plugin, config.nprocs, config.omp_nthreads, config.work_dir)
+    try:
+        wf.run(plugin=plugin, plugin_args=plugin_args)
+    except RuntimeError as exc:  # nipype: "Workflow did not execute cleanly"
+        LOGGER.debug("workflow ended with errors: %s", exc)
+    for run in ready:
+        if run.failed_nodes:
+            run.status = "failed"
+            run.error = _crash_message(crash_dir, run.failed_nodes, started) or f"failed at {run.failed_nodes[0]}"
+
+
+def _check_outputs(config: RunConfig, run: SubjectRun) -> None:
+    """A subject is a success only when its main derivatives exist."""
+    from ..bids import derivative_path, source_entities
+
+    if run.status == "failed":
+        return
+    ents = source_entities(run.inputs.t1w)
+    ents.update(desc="preproc", suffix="T1w", extension=".nii.gz")
+    if (config.output_dir / derivative_path(ents)).is_file():
+        run.status = "success"
+    else:
+        run.status = "failed"
+        run.error = run.error or ("not run: an earlier failure stopped the run (--stop-on-first-crash)"
+                                  if config.stop_on_first_crash else "outputs missing after the run")
+
+
+def _reports_only(config: RunConfig, runs: dict[str, SubjectRun], versions) -> int:
+    from ..reports.build import read_record, write_subject_report
+
+    missing = 0
+    for run in runs.values():
+        record = read_record(config.output_dir, run.inputs.label)
+        if record is None:
+            missing += 1
+            run.status, run.error = "failed", f"{run.inputs.label}: no earlier run found in {config.output_dir}/logs"
+            LOGGER.error("%s", run.error)
+            continue
+        run.status = record.get("status", "failed")
+        run.error = record.get("error")
+        LOGGER.info("%s | report: %s", run.inputs.label, write_subject_report(config.output_dir, record))
+    return EXIT_PARTICIPANT_FAILED if missing else EXIT_OK
+
+
+def _summary(runs: dict[str, SubjectRun], seconds: float) -> int:
+    width = max(len(r.inputs.label) for r in runs.values())
+    LOGGER.info("summary (%.0f s):", seconds)
+    for run in runs.values():
+        line = f"  {run.inputs.label:<{width}}  {run.status.upper():<8}"
+        if run.error:
+            line += f"  {run.error}"
+        (LOGGER.info if run.status == "success" else LOGGER.error)("%s", line)
+    failed = [r for r in runs.values() if r.status != "success"]
+    LOGGER.info("%d succeeded, %d failed", len(runs) - len(failed), len(failed))
+    return EXIT_PARTICIPANT_FAILED if failed else EXIT_OK
+
+
+def now_utc() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

@@ -1,0 +1,120 @@
+"""Entry point of the ``arborseg`` command."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import sys
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .. import __version__
+from ..errors import EXIT_INTERRUPTED, EXIT_PARTICIPANT_FAILED, ArborSegError, DatasetError, ResourceError
+
+LOGGER = logging.getLogger("arborseg")
+
+
+def setup_logging(verbosity: int) -> None:
+    level = logging.DEBUG if verbosity >= 1 else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s | %(levelname)-7s | %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr, force=True)
+    for name in ("nipype.workflow", "nipype.interface", "nipype.utils"):
+        logging.getLogger(name).setLevel(logging.INFO if verbosity >= 2 else logging.WARNING)
+    for name in ("bids", "bidsschematools"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        path.relative_to(folder)
+        return True
+    except ValueError:
+        return False
+
+
+def build_config(opts, argv: list[str]):
+    """Resolve the parsed options into a frozen :class:`RunConfig`; refuse unsafe locations."""
+    from ..bids import load_bids_filters, strip_prefix
+    from ..config import PreprocConfig, RunConfig
+
+    bids_dir = opts.bids_dir.expanduser().resolve()
+    output_dir = opts.output_dir.expanduser().resolve()
+    work_dir = (opts.work_dir or Path("work")).expanduser().resolve()
+    if output_dir == bids_dir:
+        raise DatasetError(f"{output_dir}: the output directory cannot be the input dataset itself; "
+                           f"use e.g. {bids_dir / 'derivatives' / 'arborseg'}")
+    if _inside(output_dir, bids_dir) and not _inside(output_dir, bids_dir / "derivatives"):
+        raise DatasetError(f"{output_dir}: the output directory is inside the input dataset; only "
+                           f"{bids_dir / 'derivatives'}/... is allowed there")
+    if _inside(work_dir, bids_dir) and not _inside(work_dir, output_dir):
+        raise DatasetError(f"{work_dir}: the work directory is inside the input dataset; pass -w/--work-dir "
+                           f"with a folder elsewhere")
+    if _inside(bids_dir, output_dir):
+        raise DatasetError(f"{output_dir}: the output directory contains the input dataset")
+    nprocs = opts.nprocs or os.cpu_count() or 1
+    omp = opts.omp_nthreads or min(nprocs, 8)
+    if opts.device == "cuda":
+        _require_cuda()
+    preproc = PreprocConfig(voxel_size=opts.voxel_size, denoise=not opts.no_denoise)
+    return RunConfig(
+        bids_dir=bids_dir, output_dir=output_dir, analysis_level=opts.analysis_level, work_dir=work_dir,
+        participant_label=strip_prefix(opts.participant_label, "sub-"),
+        session_label=strip_prefix(opts.session_label, "ses-"),
+        bids_filters=load_bids_filters(opts.bids_filter_file),
+        skip_bids_validation=opts.skip_bids_validation, nprocs=nprocs, omp_nthreads=omp, mem_gb=opts.mem_gb,
+        device=opts.device, random_seed=opts.random_seed, stop_on_first_crash=opts.stop_on_first_crash,
+        reports_only=opts.reports_only, template=opts.template,
+        templateflow_home=opts.templateflow_home.expanduser().resolve() if opts.templateflow_home else None,
+        verbosity=opts.verbose, preproc=preproc, version=__version__,
+        command=" ".join(shlex.quote(a) for a in ["arborseg", *argv]), run_uuid=_run_id(),
+    ), opts.clean_workdir
+
+
+def _run_id() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S") + "_" + uuid.uuid4().hex[:8]
+
+
+def _require_cuda() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        raise ResourceError("--device cuda: PyTorch is not installed; install it with CUDA support or use --device cpu")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ResourceError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu or auto")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .parser import get_parser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    opts = get_parser().parse_args(argv)
+    setup_logging(opts.verbose)
+    os.environ.setdefault("NIPYPE_NO_ET", "1")
+    try:
+        config, clean = build_config(opts, argv)
+        if config.analysis_level == "participant":
+            from .participant import run_participant
+
+            return run_participant(config, clean_workdir=clean)
+        from .group import run_group
+
+        return run_group(config)
+    except ArborSegError as exc:
+        LOGGER.error("%s", exc)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        LOGGER.error("interrupted; re-run with the same --work-dir to resume")
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # a bug: one line for the user, the traceback with -v
+        LOGGER.error("unexpected error: %s: %s (run with -v for the traceback)", type(exc).__name__, exc)
+        LOGGER.debug("traceback", exc_info=True)
+        return EXIT_PARTICIPANT_FAILED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
+

@@ -1,0 +1,85 @@
+"""Frozen configuration of one ArborSeg run.
+
+The command line is parsed into these dataclasses once; workflow factories receive the pieces they
+need as explicit arguments. The resolved configuration is written to the derivatives as TOML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class PreprocConfig:
+    """Parameters of the classical preprocessing stages (all documented in the README)."""
+
+    #: isotropic voxel size (mm) of the conformed T1w grid every later stage works on
+    voxel_size: float = 1.0
+    #: margin (mm) kept around the head when the conformed grid is cropped to the head
+    crop_margin_mm: float = 10.0
+    #: non-local means: patch radius and search radius in voxels (ANTs DenoiseImage -p / -r)
+    denoise: bool = True
+    denoise_patch_radius: int = 1
+    denoise_search_radius: int = 2
+    denoise_noise_model: str = "Rician"
+    #: N4: shrink factor, iterations per level, B-spline distance (mm), convergence threshold
+    n4_shrink_factor: int = 4
+    n4_iterations: tuple[int, ...] = (50, 50, 30)
+    n4_spline_distance_mm: float = 100.0
+    n4_convergence: float = 1e-6
+    #: brightness percentile inside the brain mask mapped to 1.0 by intensity normalisation
+    normalise_percentile: float = 99.0
+    #: resolution (mm) of the TemplateFlow image used as the registration target
+    registration_resolution: int = 2
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one invocation of ``arborseg`` decided, resolved to absolute paths."""
+
+    bids_dir: Path
+    output_dir: Path
+    analysis_level: str
+    work_dir: Path
+    participant_label: tuple[str, ...] = ()
+    session_label: tuple[str, ...] = ()
+    bids_filters: dict[str, Any] = field(default_factory=dict)
+    skip_bids_validation: bool = False
+    nprocs: int = 1
+    omp_nthreads: int = 1
+    mem_gb: float | None = None
+    device: str = "auto"
+    random_seed: int = 42
+    stop_on_first_crash: bool = False
+    reports_only: bool = False
+    template: str = "MNI152NLin6Asym"
+    templateflow_home: Path | None = None
+    verbosity: int = 0
+    preproc: PreprocConfig = field(default_factory=PreprocConfig)
+    version: str = ""
+    command: str = ""
+    run_uuid: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """A TOML-serialisable dict (paths as strings, no None values)."""
+
+        def clean(value: Any) -> Any:
+            if isinstance(value, Path):
+                return str(value)
+            if isinstance(value, dict):
+                return {k: clean(v) for k, v in value.items() if v is not None}
+            if isinstance(value, (list, tuple)):
+                return [clean(v) for v in value]
+            return value
+
+        return clean(dataclasses.asdict(self))
+
+    def to_toml(self) -> str:
+        import tomli_w
+
+        data = self.to_dict()
+        preproc = data.pop("preproc")
+        return tomli_w.dumps({"arborseg": data, "preproc": preproc})

@@ -1,0 +1,121 @@
+"""Nipype interfaces that draw reportlets (figures of the subject report)."""
+
+from __future__ import annotations
+
+import os
+
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    File,
+    InputMultiObject,
+    SimpleInterface,
+    Str,
+    TraitedSpec,
+    traits,
+)
+
+
+class _ReportOutputSpec(TraitedSpec):
+    out_report = File(exists=True, desc="the reportlet (SVG)")
+
+
+def _load(path):
+    import nibabel as nb
+
+    return nb.load(path)
+
+
+class _MosaicInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True)
+    contour_files = InputMultiObject(File(exists=True), desc="masks drawn as contours")
+    contour_colors = traits.List(Str, desc="one colour per contour")
+    contour_labels = traits.List(Str, desc="one legend label per contour")
+    title = Str("", usedefault=True)
+
+
+class MosaicRPT(SimpleInterface):
+    """Sagittal/coronal/axial mosaic with mask contours."""
+
+    input_spec = _MosaicInputSpec
+    output_spec = _ReportOutputSpec
+
+    def _run_interface(self, runtime):
+        from ..reports.reportlets import plot_mosaic
+
+        masks = list(self.inputs.contour_files or [])
+        colors = list(self.inputs.contour_colors or []) or ["#ff3b30", "#ffd60a", "#32d74b"][: len(masks)]
+        labels = list(self.inputs.contour_labels or []) or [os.path.basename(m) for m in masks]
+        contours = [(_load(m), c, lab) for m, c, lab in zip(masks, colors, labels)]
+        out = os.path.abspath("mosaic.svg")
+        plot_mosaic(_load(self.inputs.in_file), out, contours=contours, title=self.inputs.title or None,
+                    bbox_from=contours[0][0] if contours else None)
+        self._results["out_report"] = out
+        return runtime
+
+
+class _BeforeAfterInputSpec(BaseInterfaceInputSpec):
+    before = File(exists=True, mandatory=True)
+    after = File(exists=True, mandatory=True)
+    before_label = Str("before", usedefault=True)
+    after_label = Str("after", usedefault=True)
+
+
+class BeforeAfterRPT(SimpleInterface):
+    """A flicker SVG: the image before a stage, and after it on mouse hover."""
+
+    input_spec = _BeforeAfterInputSpec
+    output_spec = _ReportOutputSpec
+
+    def _run_interface(self, runtime):
+        from ..reports.reportlets import plot_before_after
+
+        out = os.path.abspath("before_after.svg")
+        plot_before_after(_load(self.inputs.before), _load(self.inputs.after), out,
+                          labels=(self.inputs.before_label, self.inputs.after_label))
+        self._results["out_report"] = out
+        return runtime
+
+
+class _RegistrationInputSpec(BaseInterfaceInputSpec):
+    warped_file = File(exists=True, mandatory=True, desc="subject in template space")
+    template_file = File(exists=True, mandatory=True)
+    template_mask = File(exists=True)
+
+
+class RegistrationRPT(SimpleInterface):
+    """Template edges over the subject in template space (flicker on hover)."""
+
+    input_spec = _RegistrationInputSpec
+    output_spec = _ReportOutputSpec
+
+    def _run_interface(self, runtime):
+        from ..reports.reportlets import plot_registration
+
+        out = os.path.abspath("registration.svg")
+        mask = _load(self.inputs.template_mask) if self.inputs.template_mask else None
+        plot_registration(_load(self.inputs.warped_file), _load(self.inputs.template_file), out,
+                          template_mask=mask, flicker=True)
+        self._results["out_report"] = out
+        return runtime
+
+
+class _CropBoxInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="image in template space")
+    box_mm = traits.List(traits.List(traits.Float, minlen=2, maxlen=2), minlen=3, maxlen=3,
+                          mandatory=True)
+    title = Str("", usedefault=True)
+
+
+class CropBoxRPT(SimpleInterface):
+    """The cerebellum crop box drawn on the subject in template space."""
+
+    input_spec = _CropBoxInputSpec
+    output_spec = _ReportOutputSpec
+
+    def _run_interface(self, runtime):
+        from ..reports.reportlets import plot_crop_box
+
+        out = os.path.abspath("crop_box.svg")
+        plot_crop_box(_load(self.inputs.in_file), self.inputs.box_mm, out, title=self.inputs.title or None)
+        self._results["out_report"] = out
+        return runtime

@@ -1,0 +1,985 @@
+"""Reportlets: small figures for the visual reports, drawn from nibabel images.
+
+Every public function takes 3D nibabel spatial images (or paths to them), writes one
+figure to ``out_file`` and returns its path as a :class:`pathlib.Path`. The output
+format follows the suffix of ``out_file``: ``.svg`` (raster slices embedded as PNG,
+contours, boxes and text kept as vectors) or ``.png``.
+
+Display conventions (shared by all slice figures):
+
+* images are reoriented to RAS with :func:`nibabel.as_closest_canonical` and drawn in
+  world millimetres, so anisotropic voxels keep their true proportions;
+* sagittal and coronal views have superior up, axial views have anterior up;
+* coronal and axial views follow the *neurological* convention: the subject's left is
+  on the left of the picture (the panels carry ``L``/``R`` markers, sagittal panels
+  carry ``P``/``A``); see :data:`ORIENTATION_NOTE` for a caption-ready sentence;
+* intensities are windowed between the 0.5th and 99.5th percentiles of the nonzero
+  voxels.
+
+matplotlib is imported lazily and only through :class:`matplotlib.figure.Figure` and
+explicit canvases (no pyplot, no global backend switch).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import math
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+from xml.sax.saxutils import escape as _xml_escape
+
+import nibabel as nb
+import numpy as np
+
+LOGGER = logging.getLogger(__name__)
+
+__all__ = [
+    "ORIENTATION_NOTE",
+    "plot_before_after",
+    "plot_crop_box",
+    "plot_group_strip",
+    "plot_mosaic",
+    "plot_registration",
+]
+
+#: Caption-ready statement of the display convention used by the slice figures.
+ORIENTATION_NOTE = (
+    "Neurological convention: the subject's left is on the left of coronal and axial "
+    "slices; anterior is up in axial slices, superior is up in sagittal and coronal slices."
+)
+
+VIEWS = ("sagittal", "coronal", "axial")
+# fixed (cut) axis, horizontal axis, vertical axis of each view, in RAS voxel axes
+_VIEW_AXES = {"sagittal": (0, 1, 2), "coronal": (1, 0, 2), "axial": (2, 0, 1)}
+_AXIS_NAME = ("x", "y", "z")
+# (negative end, positive end) letters of the horizontal axis of each view
+_VIEW_LETTERS = {"sagittal": ("P", "A"), "coronal": ("L", "R"), "axial": ("L", "R")}
+
+MAX_SVG_BYTES = 1_500_000
+_SVG_TARGET_BYTES = 1_400_000  # aim a little below the hard limit
+_SVG_DPI = 110.0
+_SVG_MIN_DPI = 30.0
+_PNG_DPI = 120.0
+
+BG = "#101114"
+FG = "#f2f2f2"
+MUTED = "#a8adb5"
+EDGE_COLOR = "#ff4b4b"
+OUTLINE_COLOR = "#33d1ff"
+BOX_COLOR = "#ffd21f"
+POINT_COLOR = "#6fb7ff"
+OUTLIER_COLOR = "#ff7a45"
+
+_FIG_WIDTH_IN = 10.0
+_MARGIN_LEFT_IN = 0.28  # room for the rotated view name
+_MARGIN_RIGHT_IN = 0.06
+_GAP_IN = 0.04
+_ROW_GAP_IN = 0.06
+_FONT = 8.0
+
+_RC = {
+    "svg.fonttype": "none",  # keep text as text (smaller, selectable)
+    "svg.hashsalt": "arborseg",  # deterministic ids
+    "font.family": ["DejaVu Sans", "sans-serif"],
+}
+_SVG_METADATA = {"Date": None, "Creator": "ArborSeg"}
+
+
+# --------------------------------------------------------------------------- volumes
+@dataclass
+class _Volume:
+    """A 3D image in RAS+ voxel order with world coordinates of its voxel centres."""
+
+    data: np.ndarray  # float32, RAS voxel order
+    affine: np.ndarray  # affine of the canonical image
+    zooms: tuple[float, float, float]
+    coords: tuple[np.ndarray, np.ndarray, np.ndarray]  # mm of voxel centres, per axis
+    img: Any  # the canonical nibabel image (reference grid for resampling)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.data.shape  # type: ignore[return-value]
+
+    def fov(self, axis: int) -> tuple[float, float]:
+        """World extent (outer voxel edges) along a RAS axis."""
+        c = self.coords[axis]
+        half = self.zooms[axis] / 2.0
+        return float(c[0] - half), float(c[-1] + half)
+
+    def index_of(self, axis: int, mm: float) -> int:
+        """Nearest voxel index along ``axis`` for world coordinate ``mm`` (clipped)."""
+        c = self.coords[axis]
+        idx = int(round((mm - c[0]) / self.zooms[axis]))
+        return int(np.clip(idx, 0, len(c) - 1))
+
+    def plane(self, arr: np.ndarray, view: str, index: int) -> np.ndarray:
+        """2D slice of ``arr`` (same grid as the volume): rows = vertical axis."""
+        fixed = _VIEW_AXES[view][0]
+        return np.take(arr, index, axis=fixed).T
+
+    def extent(self, view: str) -> tuple[float, float, float, float]:
+        _, h, v = _VIEW_AXES[view]
+        return (*self.fov(h), *self.fov(v))
+
+
+def _load(image: Any) -> Any:
+    """Accept a nibabel image or a path; return a 3D nibabel spatial image."""
+    if isinstance(image, (str, os.PathLike)):
+        image = nb.load(os.fspath(image))
+    if not hasattr(image, "affine") or not hasattr(image, "dataobj"):
+        raise TypeError(f"expected a nibabel spatial image or a path, got {type(image)!r}")
+    if len(image.shape) > 3:
+        image = nb.funcs.squeeze_image(image)
+    if len(image.shape) != 3:
+        raise ValueError(f"expected a 3D image, got shape {image.shape}")
+    return image
+
+
+def _volume(image: Any) -> _Volume:
+    img = nb.as_closest_canonical(_load(image))
+    data = np.asarray(img.get_fdata(dtype=np.float32))
+    data = np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0)
+    aff = np.asarray(img.affine, dtype=float)
+    zooms = tuple(float(z) for z in np.sqrt((aff[:3, :3] ** 2).sum(axis=0)))
+    # World coordinates along each axis, exact for non-oblique affines; for oblique
+    # ones they are exact at the volume centre and approximate elsewhere.
+    centre_vox = (np.asarray(data.shape, dtype=float) - 1.0) / 2.0
+    centre_mm = aff[:3, :3] @ centre_vox + aff[:3, 3]
+    coords = tuple(
+        centre_mm[a] + (np.arange(data.shape[a]) - centre_vox[a]) * zooms[a] for a in range(3)
+    )
+    return _Volume(data=data, affine=aff, zooms=zooms, coords=coords, img=img)  # type: ignore[arg-type]
+
+
+def _same_grid(a: Any, b: Any) -> bool:
+    return tuple(a.shape[:3]) == tuple(b.shape[:3]) and np.allclose(a.affine, b.affine, atol=1e-4)
+
+
+def _on_grid(image: Any, ref: _Volume, order: int) -> np.ndarray:
+    """Data of ``image`` on the canonical grid of ``ref`` (resampled when needed)."""
+    from nibabel.processing import resample_from_to
+
+    img = _load(image)
+    canon = nb.as_closest_canonical(img)
+    if _same_grid(canon, ref.img):
+        data = canon.get_fdata(dtype=np.float32)
+    else:
+        LOGGER.debug("resampling image of shape %s onto grid %s (order=%d)", img.shape, ref.shape, order)
+        src = nb.Nifti1Image(np.asarray(img.get_fdata(dtype=np.float32)), img.affine)
+        out = resample_from_to(src, (ref.shape, ref.affine), order=order, mode="constant", cval=0.0)
+        data = out.get_fdata(dtype=np.float32)
+    return np.nan_to_num(np.asarray(data, dtype=np.float32))
+
+
+# ------------------------------------------------------------------ intensity, boxes
+def _robust_window(data: np.ndarray, low: float = 0.5, high: float = 99.5) -> tuple[float, float]:
+    vals = data[np.isfinite(data) & (data != 0)]
+    if vals.size == 0:
+        return 0.0, 1.0
+    if vals.size > 2_000_000:  # deterministic subsample keeps percentiles cheap
+        vals = vals[:: int(math.ceil(vals.size / 2_000_000))]
+    lo, hi = (float(v) for v in np.percentile(vals, [low, high]))
+    if not hi > lo:
+        lo, hi = float(vals.min()), float(vals.max())
+        if not hi > lo:
+            hi = lo + 1.0
+    return lo, hi
+
+
+def _bbox(mask: np.ndarray, trim: float = 0.0) -> list[tuple[int, int]] | None:
+    """Index bounding box of a boolean mask, optionally trimming stray voxels.
+
+    With ``trim`` > 0, each axis keeps the range between the ``trim`` and ``1 - trim``
+    quantiles of the mask's voxel distribution, so isolated noise voxels do not stretch
+    the box.
+    """
+    total = int(mask.sum())
+    if total == 0:
+        return None
+    box = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        counts = mask.sum(axis=other)
+        if trim > 0:
+            cum = np.cumsum(counts) / total
+            lo = int(np.searchsorted(cum, trim, side="left"))
+            hi = int(np.searchsorted(cum, 1.0 - trim, side="left"))
+        else:
+            nz = np.flatnonzero(counts)
+            lo, hi = int(nz[0]), int(nz[-1])
+        box.append((lo, max(lo, min(hi, mask.shape[axis] - 1))))
+    return box
+
+
+def _content_box(vol: _Volume, window: tuple[float, float], bbox_data: np.ndarray | None) -> list[tuple[int, int]]:
+    box = None
+    if bbox_data is not None:
+        box = _bbox(bbox_data > 0.5)
+        if box is None:
+            LOGGER.warning("bbox_from mask is empty; using the image content instead")
+    if box is None:
+        lo, hi = window
+        box = _bbox(vol.data > lo + 0.1 * (hi - lo), trim=0.001)
+    if box is None:
+        box = [(0, n - 1) for n in vol.shape]
+    return box
+
+
+def _cuts(box: tuple[int, int], n_cuts: int) -> list[int]:
+    lo, hi = box
+    return [int(round(v)) for v in np.linspace(lo, hi, n_cuts + 2)[1:-1]]
+
+
+def _crop_mm(vol: _Volume, box: list[tuple[int, int]], margin: float = 0.06) -> list[tuple[float, float]]:
+    """World range to display per axis: the box plus a margin, within the field of view."""
+    out = []
+    for axis, (lo, hi) in enumerate(box):
+        c, z = vol.coords[axis], vol.zooms[axis]
+        a, b = float(c[lo] - z / 2), float(c[hi] + z / 2)
+        pad = max(2.0, margin * (b - a))
+        f0, f1 = vol.fov(axis)
+        out.append((max(f0, a - pad), min(f1, b + pad)))
+    return out
+
+
+# -------------------------------------------------------------------------- contours
+@dataclass
+class _Contour:
+    data: np.ndarray  # on the volume grid
+    level: float
+    color: str
+    label: str | None
+    linewidth: float = 0.9
+
+
+def _mask_contours(contours: Iterable[Sequence[Any]], vol: _Volume) -> list[_Contour]:
+    out = []
+    for i, spec in enumerate(contours):
+        if len(spec) == 2:
+            mask, color = spec
+            label = None
+        elif len(spec) == 3:
+            mask, color, label = spec
+        else:
+            raise ValueError(f"contour #{i}: expected (mask_image, color, label), got {len(spec)} items")
+        data = np.clip(_on_grid(mask, vol, order=0), 0.0, 1.0)
+        if not (data > 0.5).any():
+            LOGGER.warning("contour mask %r is empty", label or i)
+        out.append(_Contour(data=data, level=0.5, color=str(color), label=None if label is None else str(label)))
+    return out
+
+
+def _tissue_boundaries(data: np.ndarray, mask: np.ndarray, k: int = 3) -> list[float]:
+    """Intensity thresholds between ``k`` tissue classes (1D k-means) inside ``mask``."""
+    vals = data[mask & np.isfinite(data)]
+    if vals.size < 10:
+        return []
+    if vals.size > 500_000:
+        vals = vals[:: int(math.ceil(vals.size / 500_000))]
+    centres = np.percentile(vals, np.linspace(15, 85, k))
+    for _ in range(30):
+        labels = np.argmin(np.abs(vals[:, None] - centres[None, :]), axis=1)
+        new = np.array([vals[labels == j].mean() if (labels == j).any() else centres[j] for j in range(k)])
+        if np.allclose(new, centres):
+            break
+        centres = new
+    centres = np.sort(centres)
+    return [float((centres[j] + centres[j + 1]) / 2) for j in range(k - 1)]
+
+
+def _draw_contour(ax, plane: np.ndarray, xs: np.ndarray, ys: np.ndarray, cont: _Contour, gid: str, tol: float) -> None:
+    """Draw the iso-line ``cont.level`` of a 2D plane (rows = ``ys``) as simplified polylines.
+
+    Lines come from contourpy (marching squares, as ``Axes.contour``) and are simplified
+    with matplotlib's path simplifier at ``tol`` mm, which keeps SVG files small without
+    a visible change.
+    """
+    import contourpy
+    from matplotlib.collections import LineCollection
+    from matplotlib.path import Path as MplPath
+
+    if not (plane.min() < cont.level < plane.max()):
+        return
+    gen = contourpy.contour_generator(xs, ys, plane.astype(np.float64), line_type=contourpy.LineType.Separate)
+    segments = []
+    for line in gen.lines(cont.level):
+        if len(line) < 2:
+            continue
+        path = MplPath(line)
+        path.simplify_threshold = tol
+        cleaned = path.cleaned(simplify=True)
+        verts = cleaned.vertices[cleaned.codes != MplPath.STOP]
+        if len(verts) >= 2:
+            segments.append(verts)
+    if not segments:
+        return
+    coll = LineCollection(segments, colors=[cont.color], linewidths=cont.linewidth, zorder=3)
+    coll.set_gid(gid)
+    ax.add_collection(coll, autolim=False)
+
+
+# ------------------------------------------------------------------------- rendering
+def _fmt(out_file: Path) -> str:
+    suffix = out_file.suffix.lower()
+    if suffix not in (".svg", ".png"):
+        raise ValueError(f"out_file must end in .svg or .png, got {out_file.name!r}")
+    return suffix[1:]
+
+
+def _atomic_write_bytes(path: Path, payload: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(payload)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _new_figure(width_in: float, height_in: float):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width_in, height_in), facecolor=BG)
+    return fig
+
+
+def _savefig(fig, fmt: str, dpi: float) -> bytes:
+    import matplotlib
+
+    buf = io.BytesIO()
+    with matplotlib.rc_context(_RC):
+        if fmt == "svg":
+            from matplotlib.backends.backend_svg import FigureCanvasSVG
+
+            FigureCanvasSVG(fig)
+            fig.savefig(buf, format="svg", dpi=dpi, facecolor=BG, metadata=_SVG_METADATA)
+        else:
+            from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+            FigureCanvasAgg(fig)
+            fig.savefig(buf, format="png", dpi=dpi, facecolor=BG)
+    return buf.getvalue()
+
+
+_B64_PNG = re.compile(r"data:image/png;base64,([A-Za-z0-9+/=\s]+)")
+
+
+def _shrink_png(raw: bytes) -> bytes:
+    """Re-encode a matplotlib RGBA PNG as greyscale/RGB when nothing is lost."""
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - Pillow ships with matplotlib
+        return raw
+    im = Image.open(io.BytesIO(raw))
+    im.load()
+    if im.mode == "RGBA":
+        arr = np.asarray(im)
+        if (arr[..., 3] == 255).all():
+            grey = (arr[..., 0] == arr[..., 1]).all() and (arr[..., 1] == arr[..., 2]).all()
+            im = Image.fromarray(np.ascontiguousarray(arr[..., 0])) if grey else im.convert("RGB")
+    out = io.BytesIO()
+    im.save(out, format="PNG", optimize=True)
+    new = out.getvalue()
+    return new if len(new) < len(raw) else raw
+
+
+def _shrink_svg_images(svg: str) -> str:
+    def repl(m: re.Match) -> str:
+        raw = base64.b64decode("".join(m.group(1).split()))
+        return "data:image/png;base64," + base64.b64encode(_shrink_png(raw)).decode("ascii")
+
+    return _B64_PNG.sub(repl, svg)
+
+
+_PATH_D = re.compile(r'(<path[^>]*?\sd=")([^"]*)(")')
+_FLOAT = re.compile(r"-?\d+\.\d+")
+
+
+def _round_number(m: re.Match) -> str:
+    out = f"{float(m.group(0)):.2f}".rstrip("0").rstrip(".")
+    return "0" if out in ("-0", "") else out
+
+
+def _round_path_numbers(svg: str) -> str:
+    """Round path coordinates to 0.01 pt (matplotlib writes 6 decimals)."""
+    return _PATH_D.sub(lambda m: m.group(1) + _FLOAT.sub(_round_number, m.group(2)) + m.group(3), svg)
+
+
+def _svg_insert_after_root(svg: str, snippet: str, root_class: str | None = None) -> str:
+    start = svg.find("<svg")
+    end = svg.find(">", start)
+    if start < 0 or end < 0:
+        raise RuntimeError("not an SVG document")
+    head = svg[:end]
+    if root_class:
+        head += f' class="{root_class}"'
+    return head + ">\n" + snippet + svg[end + 1 :]
+
+
+def _write_figure(fig, out_file: Path, postprocess=None) -> Path:
+    """Save ``fig`` to ``out_file``; SVGs are kept under :data:`MAX_SVG_BYTES`."""
+    fmt = _fmt(out_file)
+    if fmt == "png":
+        _atomic_write_bytes(out_file, _savefig(fig, "png", _PNG_DPI))
+        return out_file
+    dpi = _SVG_DPI
+    while True:
+        svg = _round_path_numbers(_shrink_svg_images(_savefig(fig, "svg", dpi).decode("utf-8")))
+        if postprocess is not None:
+            svg = postprocess(svg)
+        payload = svg.encode("utf-8")
+        if len(payload) <= _SVG_TARGET_BYTES or dpi <= _SVG_MIN_DPI:
+            break
+        new_dpi = max(_SVG_MIN_DPI, dpi * 0.9 * math.sqrt(_SVG_TARGET_BYTES / len(payload)))
+        LOGGER.debug("%s: %d bytes at %.0f dpi, retrying at %.0f dpi", out_file.name, len(payload), dpi, new_dpi)
+        dpi = new_dpi
+    if len(payload) > MAX_SVG_BYTES:
+        LOGGER.warning("%s is %.1f MB even at %.0f dpi", out_file.name, len(payload) / 1e6, dpi)
+    _atomic_write_bytes(out_file, payload)
+    return out_file
+
+
+def _style_axes(ax) -> None:
+    ax.set_facecolor(BG)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+
+
+def _label_box() -> dict:
+    return {"facecolor": BG, "alpha": 0.65, "pad": 1.0, "linewidth": 0}
+
+
+# ------------------------------------------------------------------------- mosaics
+@dataclass
+class _Mosaic:
+    """Everything needed to draw one mosaic (one row per view)."""
+
+    vol: _Volume
+    window: tuple[float, float]
+    views: tuple[str, ...]
+    cuts: dict[str, list[int]]
+    crop: list[tuple[float, float]]
+    contours: list[_Contour]
+
+    def row_heights(self, width_in: float) -> list[float]:
+        n = max(len(c) for c in self.cuts.values())
+        panel_w = (width_in - _MARGIN_LEFT_IN - _MARGIN_RIGHT_IN - _GAP_IN * (n - 1)) / n
+        heights = []
+        for view in self.views:
+            _, h, v = _VIEW_AXES[view]
+            ratio = (self.crop[v][1] - self.crop[v][0]) / max(1e-6, self.crop[h][1] - self.crop[h][0])
+            heights.append(panel_w * min(ratio, 1.6))
+        return heights
+
+    def height(self, width_in: float) -> float:
+        rows = self.row_heights(width_in)
+        return sum(rows) + _ROW_GAP_IN * (len(rows) - 1)
+
+    def draw(self, fig, top_in: float, fig_h_in: float, width_in: float, gid: str, letters: bool = True) -> None:
+        n = max(len(c) for c in self.cuts.values())
+        panel_w = (width_in - _MARGIN_LEFT_IN - _MARGIN_RIGHT_IN - _GAP_IN * (n - 1)) / n
+        lo, hi = self.window
+        y = top_in
+        for r, (view, row_h) in enumerate(zip(self.views, self.row_heights(width_in))):
+            fixed, h, v = _VIEW_AXES[view]
+            bottom = (fig_h_in - y - row_h) / fig_h_in
+            fig.text(
+                (_MARGIN_LEFT_IN * 0.45) / width_in,
+                bottom + row_h / fig_h_in / 2,
+                view,
+                rotation=90,
+                ha="center",
+                va="center",
+                color=MUTED,
+                fontsize=_FONT,
+                gid=f"{gid}-rowlabel-{r}",
+            )
+            for c, idx in enumerate(self.cuts[view]):
+                left = (_MARGIN_LEFT_IN + c * (panel_w + _GAP_IN)) / width_in
+                ax = fig.add_axes((left, bottom, panel_w / width_in, row_h / fig_h_in))
+                ax.set_gid(f"{gid}-{view}-{c}")
+                _style_axes(ax)
+                extent = self.vol.extent(view)
+                ax.imshow(
+                    self.vol.plane(self.vol.data, view, idx),
+                    cmap="gray",
+                    vmin=lo,
+                    vmax=hi,
+                    origin="lower",
+                    extent=extent,
+                    interpolation="antialiased",
+                    aspect="equal",
+                )
+                for k, cont in enumerate(self.contours):
+                    _draw_contour(
+                        ax,
+                        self.vol.plane(cont.data, view, idx),
+                        self.vol.coords[h],
+                        self.vol.coords[v],
+                        cont,
+                        gid=f"{gid}-contour-{k}-{view}-{c}",
+                        tol=0.3 * min(self.vol.zooms[h], self.vol.zooms[v]),
+                    )
+                ax.set_xlim(*self.crop[h])
+                ax.set_ylim(*self.crop[v])
+                ax.set_anchor("C")
+                mm = float(self.vol.coords[fixed][idx])
+                ax.text(
+                    0.03,
+                    0.03,
+                    f"{_AXIS_NAME[fixed]}={mm:.0f}",
+                    transform=ax.transAxes,
+                    color=FG,
+                    fontsize=_FONT - 1,
+                    ha="left",
+                    va="bottom",
+                    bbox=_label_box(),
+                )
+                if letters and c == 0:
+                    neg, pos = _VIEW_LETTERS[view]
+                    for x, letter, ha in ((0.02, neg, "left"), (0.98, pos, "right")):
+                        ax.text(x, 0.5, letter, transform=ax.transAxes, color=FG, fontsize=_FONT,
+                                fontweight="bold", ha=ha, va="center", bbox=_label_box())
+            y += row_h + _ROW_GAP_IN
+
+
+def _make_mosaic(
+    vol: _Volume,
+    *,
+    n_cuts: int,
+    views: Sequence[str],
+    contours: list[_Contour],
+    bbox_data: np.ndarray | None,
+    window: tuple[float, float] | None = None,
+) -> _Mosaic:
+    views = tuple(views)
+    if not views:
+        raise ValueError("at least one view is needed")
+    for view in views:
+        if view not in _VIEW_AXES:
+            raise ValueError(f"unknown view {view!r}; expected some of {VIEWS}")
+    n_cuts = int(n_cuts)
+    if n_cuts < 1:
+        raise ValueError("n_cuts must be >= 1")
+    window = window or _robust_window(vol.data)
+    box = _content_box(vol, window, bbox_data)
+    cuts = {view: _cuts(box[_VIEW_AXES[view][0]], n_cuts) for view in views}
+    return _Mosaic(vol=vol, window=window, views=views, cuts=cuts, crop=_crop_mm(vol, box), contours=contours)
+
+
+_TITLE_IN = 0.34
+_FOOTER_IN = 0.24
+
+
+def _header(fig, fig_h_in: float, title: str | None, contours: list[_Contour], gid: str = "header",
+            x_in: float = _MARGIN_LEFT_IN) -> None:
+    from matplotlib.lines import Line2D
+
+    if title:
+        fig.text(x_in / _FIG_WIDTH_IN, 1 - 0.06 / fig_h_in, title, ha="left", va="top",
+                 color=FG, fontsize=_FONT + 2, fontweight="bold", gid=f"{gid}-title")
+    handles = [Line2D([], [], color=c.color, lw=1.6, label=c.label) for c in contours if c.label]
+    if handles:
+        leg = fig.legend(handles=handles, loc="upper right", bbox_to_anchor=(1 - 0.05 / _FIG_WIDTH_IN, 1 - 0.02 / fig_h_in),
+                         ncol=len(handles), frameon=False, fontsize=_FONT, labelcolor=FG,
+                         handlelength=1.6, columnspacing=1.2, borderaxespad=0.0)
+        leg.set_gid(f"{gid}-legend")
+
+
+def _footer(fig, fig_h_in: float, text: str = "Neurological convention: L = subject's left") -> None:
+    fig.text(1 - _MARGIN_RIGHT_IN / _FIG_WIDTH_IN, 0.06 / fig_h_in, text, ha="right", va="bottom",
+             color=MUTED, fontsize=_FONT - 1, gid="footer-note")
+
+
+def _single_mosaic_figure(mosaic: _Mosaic, title: str | None):
+    has_header = bool(title) or any(c.label for c in mosaic.contours)
+    top = _TITLE_IN if has_header else 0.08
+    fig_h = top + mosaic.height(_FIG_WIDTH_IN) + _FOOTER_IN
+    fig = _new_figure(_FIG_WIDTH_IN, fig_h)
+    _header(fig, fig_h, title, mosaic.contours)
+    mosaic.draw(fig, top, fig_h, _FIG_WIDTH_IN, gid="mosaic")
+    _footer(fig, fig_h)
+    return fig
+
+
+def plot_mosaic(
+    image: Any,
+    out_file: str | os.PathLike,
+    *,
+    contours: Sequence[Sequence[Any]] = (),
+    n_cuts: int = 6,
+    views: Sequence[str] = VIEWS,
+    title: str | None = None,
+    bbox_from: Any = None,
+) -> Path:
+    """Slice mosaic of ``image``: one row per view, ``n_cuts`` slices per row.
+
+    Slices are evenly spread over the bounding box of ``bbox_from`` (a mask image) or,
+    without it, of the image's above-threshold content, and the display is cropped to
+    that box. ``contours`` is a sequence of ``(mask_image, color, label)``; masks may be
+    on another grid (they are resampled with nearest neighbour onto the image grid) and
+    are drawn as contour lines at 0.5, with a legend for those that have a label.
+    """
+    out_file = Path(out_file)
+    _fmt(out_file)
+    vol = _volume(image)
+    conts = _mask_contours(contours, vol)
+    bbox_data = _on_grid(bbox_from, vol, order=0) if bbox_from is not None else None
+    mosaic = _make_mosaic(vol, n_cuts=n_cuts, views=views, contours=conts, bbox_data=bbox_data)
+    fig = _single_mosaic_figure(mosaic, title)
+    return _write_figure(fig, out_file)
+
+
+# -------------------------------------------------------------------------- flicker
+_FLICKER_CSS = """<defs><style type="text/css"><![CDATA[
+.after { opacity: 0; transition: opacity 0.15s ease-in-out; }
+.before { opacity: 1; transition: opacity 0.15s ease-in-out; }
+svg:hover .after { opacity: 1; }
+svg:hover .before { opacity: 0; }
+]]></style></defs>
+"""
+_LAYER_GID = re.compile(r'<g id="(flicker-(before|after)-[^"]*)"')
+
+
+def _flicker_postprocess(svg: str) -> str:
+    svg = _LAYER_GID.sub(lambda m: f'<g id="{m.group(1)}" class="{m.group(2)}"', svg)
+    return _svg_insert_after_root(svg, _FLICKER_CSS, root_class="arborseg-flicker")
+
+
+def _write_flicker(
+    first: _Mosaic,
+    second: _Mosaic,
+    out_file: Path,
+    labels: Sequence[str],
+    title: str | None,
+) -> Path:
+    fmt = _fmt(out_file)
+    if len(labels) != 2:
+        raise ValueError("labels must be a pair (first, second)")
+    lab0, lab1 = (str(x) for x in labels)
+    contours = first.contours or second.contours
+    height = first.height(_FIG_WIDTH_IN)
+    if fmt == "svg":
+        top = _TITLE_IN + 0.26
+        fig_h = top + height + _FOOTER_IN
+        fig = _new_figure(_FIG_WIDTH_IN, fig_h)
+        _header(fig, fig_h, title, contours)
+        y_lab = 1 - (_TITLE_IN + 0.02) / fig_h
+        x_lab = _MARGIN_LEFT_IN / _FIG_WIDTH_IN
+        fig.text(x_lab, y_lab, f"Showing: {lab0}  \u2014  hover to see {lab1}", ha="left", va="top",
+                 color=FG, fontsize=_FONT + 1, gid="flicker-before-label")
+        fig.text(x_lab, y_lab, f"Showing: {lab1}  \u2014  move the pointer away to see {lab0}", ha="left",
+                 va="top", color="#ffd966", fontsize=_FONT + 1, gid="flicker-after-label")
+        first.draw(fig, top, fig_h, _FIG_WIDTH_IN, gid="flicker-before")
+        second.draw(fig, top, fig_h, _FIG_WIDTH_IN, gid="flicker-after")
+        _footer(fig, fig_h)
+        return _write_figure(fig, out_file, postprocess=_flicker_postprocess)
+    # PNG: stack both mosaics vertically
+    lab_h = 0.26
+    top = _TITLE_IN if (title or any(c.label for c in contours)) else 0.08
+    fig_h = top + 2 * (lab_h + height) + 0.1 + _FOOTER_IN
+    fig = _new_figure(_FIG_WIDTH_IN, fig_h)
+    _header(fig, fig_h, title, contours)
+    y = top
+    for mosaic, lab, gid in ((first, lab0, "stack-first"), (second, lab1, "stack-second")):
+        fig.text(_MARGIN_LEFT_IN / _FIG_WIDTH_IN, 1 - (y + 0.02) / fig_h, lab, ha="left", va="top",
+                 color=FG, fontsize=_FONT + 1, fontweight="bold")
+        y += lab_h
+        mosaic.draw(fig, y, fig_h, _FIG_WIDTH_IN, gid=gid)
+        y += height + 0.1
+    _footer(fig, fig_h)
+    return _write_figure(fig, out_file)
+
+
+def plot_before_after(
+    before: Any,
+    after: Any,
+    out_file: str | os.PathLike,
+    *,
+    labels: Sequence[str] = ("before", "after"),
+    n_cuts: int = 6,
+    views: Sequence[str] = VIEWS,
+    contours: Sequence[Sequence[Any]] = (),
+    title: str | None = None,
+    bbox_from: Any = None,
+) -> Path:
+    """Compare two images on the same slices.
+
+    SVG output is a "flicker": the ``before`` mosaic is shown and the ``after`` mosaic
+    replaces it while the mouse hovers the figure (CSS inside the SVG, so embed it with
+    ``<object>`` rather than ``<img>`` for the hover to work). PNG output stacks the two
+    mosaics vertically. ``after`` is resampled (linear) onto ``before``'s grid when the
+    grids differ. Each image keeps its own intensity window.
+    """
+    out_file = Path(out_file)
+    _fmt(out_file)
+    vol0 = _volume(before)
+    vol1 = _volume(after)
+    if not _same_grid(vol1.img, vol0.img):
+        LOGGER.info("plot_before_after: resampling %r onto the grid of %r", labels[1], labels[0])
+        data1 = _on_grid(vol1.img, vol0, order=1)
+        vol1 = _Volume(data=data1, affine=vol0.affine, zooms=vol0.zooms, coords=vol0.coords, img=vol0.img)
+    conts = _mask_contours(contours, vol0)
+    bbox_data = _on_grid(bbox_from, vol0, order=0) if bbox_from is not None else None
+    m0 = _make_mosaic(vol0, n_cuts=n_cuts, views=views, contours=conts, bbox_data=bbox_data)
+    m1 = _Mosaic(vol=vol1, window=_robust_window(vol1.data), views=m0.views, cuts=m0.cuts, crop=m0.crop, contours=conts)
+    return _write_flicker(m0, m1, out_file, labels, title)
+
+
+# --------------------------------------------------------------------- registration
+def plot_registration(
+    warped: Any,
+    template: Any,
+    out_file: str | os.PathLike,
+    *,
+    template_mask: Any = None,
+    n_cuts: int = 6,
+    flicker: bool = False,
+    views: Sequence[str] = VIEWS,
+    labels: Sequence[str] = ("template", "warped"),
+    title: str | None = None,
+) -> Path:
+    """Check a spatial normalisation: ``warped`` (subject in template space) with the
+    template's edges drawn on top.
+
+    The edges are the contours of the template's grey/white-matter intensity boundary
+    (a 3-class k-means threshold inside ``template_mask``, or inside the template's
+    above-threshold content) plus the outline of ``template_mask`` when given. With
+    ``flicker=True`` the figure alternates template and warped image (SVG hover, or two
+    stacked mosaics for PNG), both with the same edges. ``warped`` is resampled onto the
+    template grid when the grids differ.
+    """
+    from scipy import ndimage
+
+    out_file = Path(out_file)
+    _fmt(out_file)
+    tpl = _volume(template)
+    wrp_data = _on_grid(warped, tpl, order=1)
+    wrp = _Volume(data=wrp_data, affine=tpl.affine, zooms=tpl.zooms, coords=tpl.coords, img=tpl.img)
+    t_lo, t_hi = _robust_window(tpl.data)
+    if template_mask is not None:
+        mask = _on_grid(template_mask, tpl, order=0) > 0.5
+    else:
+        mask = tpl.data > t_lo + 0.1 * (t_hi - t_lo)
+    if not mask.any():
+        mask = tpl.data != 0
+    sigma = [0.6 / max(z, 1e-3) for z in tpl.zooms]  # ~0.6 mm smoothing for cleaner lines
+    smooth = ndimage.gaussian_filter(tpl.data, sigma=sigma)
+    conts: list[_Contour] = []
+    bounds = _tissue_boundaries(smooth, mask)
+    if bounds:
+        conts.append(_Contour(data=smooth, level=bounds[-1], color=EDGE_COLOR, label="template GM/WM edge", linewidth=0.8))
+    outline = mask.astype(np.float32)
+    if template_mask is None:
+        outline = ndimage.binary_fill_holes(ndimage.binary_opening(mask, iterations=1)).astype(np.float32)
+    conts.append(_Contour(data=outline, level=0.5, color=OUTLINE_COLOR,
+                          label="template mask" if template_mask is not None else "template outline",
+                          linewidth=0.8))
+    m_wrp = _make_mosaic(wrp, n_cuts=n_cuts, views=views, contours=conts, bbox_data=mask.astype(np.float32))
+    if not flicker:
+        fig = _single_mosaic_figure(m_wrp, title)
+        return _write_figure(fig, out_file)
+    m_tpl = _Mosaic(vol=tpl, window=(t_lo, t_hi), views=m_wrp.views, cuts=m_wrp.cuts, crop=m_wrp.crop, contours=conts)
+    return _write_flicker(m_tpl, m_wrp, out_file, labels, title)
+
+
+# ------------------------------------------------------------------------- crop box
+def plot_crop_box(
+    image: Any,
+    box_mm: Sequence[Sequence[float]],
+    out_file: str | os.PathLike,
+    *,
+    title: str | None = None,
+) -> Path:
+    """Sagittal, coronal and axial slices through the centre of ``box_mm`` with the box
+    drawn as a rectangle.
+
+    ``box_mm`` is ``((x0, x1), (y0, y1), (z0, z1))`` in world RAS millimetres. The
+    panels show the whole field of view (extended when the box reaches beyond it).
+    """
+    from matplotlib.patches import Rectangle
+
+    out_file = Path(out_file)
+    _fmt(out_file)
+    box = np.asarray(box_mm, dtype=float)
+    if box.shape != (3, 2) or not np.isfinite(box).all():
+        raise ValueError(f"box_mm must be ((x0,x1),(y0,y1),(z0,z1)) in mm, got {box_mm!r}")
+    box.sort(axis=1)
+    vol = _volume(image)
+    lo, hi = _robust_window(vol.data)
+    centre = box.mean(axis=1)
+    outside = [
+        _AXIS_NAME[a] for a in range(3) if box[a, 0] < vol.fov(a)[0] - 1e-3 or box[a, 1] > vol.fov(a)[1] + 1e-3
+    ]
+    if outside:
+        LOGGER.warning("crop box extends beyond the image field of view along %s", ", ".join(outside))
+    limits = []
+    for a in range(3):
+        f0, f1 = vol.fov(a)
+        a0, a1 = min(f0, box[a, 0]), max(f1, box[a, 1])
+        pad = 0.02 * (a1 - a0)
+        limits.append((a0 - pad, a1 + pad))
+    # one row, same height for the three panels, widths following each plane's aspect
+    gap, side = 0.14, 0.1
+    ratios = []  # width / height of each panel, in mm
+    for view in VIEWS:
+        _, h, v = _VIEW_AXES[view]
+        ratios.append((limits[h][1] - limits[h][0]) / (limits[v][1] - limits[v][0]))
+    row_h = (_FIG_WIDTH_IN - 2 * side - 2 * gap) / sum(ratios)
+    row_h = min(row_h, 4.0)
+    used_w = row_h * sum(ratios) + 2 * gap
+    label_h = 0.24
+    top = _TITLE_IN + label_h
+    caption_h = 0.26
+    fig_h = top + row_h + caption_h + _FOOTER_IN
+    fig = _new_figure(_FIG_WIDTH_IN, fig_h)
+    x_in = (_FIG_WIDTH_IN - used_w) / 2
+    _header(fig, fig_h, title or "Crop box", [], x_in=x_in)
+    for c, view in enumerate(VIEWS):
+        fixed, h, v = _VIEW_AXES[view]
+        idx = vol.index_of(fixed, float(centre[fixed]))
+        w_in = row_h * ratios[c]
+        ax = fig.add_axes((x_in / _FIG_WIDTH_IN, (_FOOTER_IN + caption_h) / fig_h, w_in / _FIG_WIDTH_IN, row_h / fig_h))
+        x_in += w_in + gap
+        ax.set_gid(f"cropbox-{view}")
+        _style_axes(ax)
+        ax.imshow(vol.plane(vol.data, view, idx), cmap="gray", vmin=lo, vmax=hi, origin="lower",
+                  extent=vol.extent(view), interpolation="antialiased", aspect="equal")
+        rect = Rectangle((box[h, 0], box[v, 0]), box[h, 1] - box[h, 0], box[v, 1] - box[v, 0],
+                         fill=False, edgecolor=BOX_COLOR, linewidth=1.6)
+        rect.set_gid(f"cropbox-rect-{view}")
+        ax.add_patch(rect)
+        ax.set_xlim(*limits[h])
+        ax.set_ylim(*limits[v])
+        ax.set_title(f"{view}, {_AXIS_NAME[fixed]} = {vol.coords[fixed][idx]:.0f} mm", loc="left", color=FG,
+                     fontsize=_FONT + 1, pad=4)
+        neg, pos = _VIEW_LETTERS[view]
+        for x, letter, ha in ((0.02, neg, "left"), (0.98, pos, "right")):
+            ax.text(x, 0.5, letter, transform=ax.transAxes, color=FG, fontsize=_FONT,
+                    fontweight="bold", ha=ha, va="center", bbox=_label_box())
+    dims = box[:, 1] - box[:, 0]
+    desc = (
+        "box  x [{:.0f}, {:.0f}]  y [{:.0f}, {:.0f}]  z [{:.0f}, {:.0f}] mm   ({:.0f} x {:.0f} x {:.0f} mm)".format(
+            *box.ravel(), *dims
+        )
+    )
+    if outside:
+        desc += "  - extends beyond the image along " + ", ".join(outside)
+    fig.text((_FIG_WIDTH_IN - used_w) / 2 / _FIG_WIDTH_IN, (_FOOTER_IN + 0.04) / fig_h, desc, ha="left", va="bottom", color=BOX_COLOR,
+             fontsize=_FONT, gid="cropbox-caption")
+    _footer(fig, fig_h)
+    return _write_figure(fig, out_file)
+
+
+# ---------------------------------------------------------------------- group strip
+def _as_float(value: Any) -> float | None:
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if math.isfinite(out) else None
+
+
+def plot_group_strip(
+    rows: Sequence[dict],
+    metric: str,
+    out_file: str | os.PathLike,
+    *,
+    label_key: str = "label",
+    link_key: str = "report",
+    title: str | None = None,
+) -> Path:
+    """Strip plot (jittered points) of ``row[metric]`` across ``rows``.
+
+    Rows whose value is missing, non-numeric or NaN are skipped. In SVG output each
+    point links to ``row[link_key]`` (relative links resolve against the page that
+    inlines the SVG) and carries a ``<title>`` tooltip with the label and value. Points
+    beyond 1.5 IQR from the quartiles are drawn in another colour and labelled.
+    """
+    out_file = Path(out_file)
+    fmt = _fmt(out_file)
+    points = []
+    for i, row in enumerate(rows):
+        val = _as_float(row.get(metric))
+        if val is None:
+            continue
+        label = str(row.get(label_key) or f"row {i + 1}")
+        link = row.get(link_key)
+        points.append((val, label, None if link in (None, "") else str(link)))
+    n_skipped = len(rows) - len(points)
+    fig_h = 2.3
+    fig = _new_figure(_FIG_WIDTH_IN, fig_h)
+    ax = fig.add_axes((0.04, 0.31, 0.92, 0.52))
+    ax.set_facecolor(BG)
+    ax.set_gid("strip-axes")
+    for name, spine in ax.spines.items():
+        spine.set_visible(name == "bottom")
+        spine.set_color(MUTED)
+    ax.tick_params(axis="x", colors=FG, labelsize=_FONT)
+    ax.set_yticks([])
+    ax.set_xlabel(metric, color=FG, fontsize=_FONT + 1)
+    head = title or metric
+    sub = f"n = {len(points)}" + (f", {n_skipped} without a value" if n_skipped else "")
+    fig.text(0.04, 0.95, head, ha="left", va="top", color=FG, fontsize=_FONT + 2, fontweight="bold")
+    fig.text(0.96, 0.95, sub, ha="right", va="top", color=MUTED, fontsize=_FONT)
+    titles: dict[str, str] = {}
+    if points:
+        vals = np.array([p[0] for p in points])
+        q1, med, q3 = np.percentile(vals, [25, 50, 75])
+        iqr = q3 - q1
+        low_f, high_f = q1 - 1.5 * iqr, q3 + 1.5 * iqr
+        ax.axvspan(q1, q3, color="#2a3140", zorder=0, lw=0)
+        ax.axvline(med, color=MUTED, lw=1.0, zorder=1)
+        rng = np.random.default_rng(12345)
+        jitter = rng.uniform(-0.32, 0.32, size=len(points))
+        n_out = 0
+        for i, ((val, label, link), yj) in enumerate(zip(points, jitter)):
+            outlier = val < low_f or val > high_f
+            n_out += outlier
+            (line,) = ax.plot([val], [yj], marker="o", linestyle="none", markersize=6,
+                              color=OUTLIER_COLOR if outlier else POINT_COLOR,
+                              markeredgecolor=FG, markeredgewidth=0.4, zorder=3)
+            gid = f"strip-point-{i}"
+            line.set_gid(gid)
+            if link:
+                line.set_url(link)
+            titles[gid] = f"{label}: {val:.6g}" + (" (outlier)" if outlier else "")
+            if outlier and n_out <= 12:
+                ax.annotate(label, (val, yj), xytext=(4, 4), textcoords="offset points", color=OUTLIER_COLOR,
+                            fontsize=_FONT - 1)
+        span = float(vals.max() - vals.min()) or max(abs(float(vals.max())), 1.0) * 0.1
+        ax.set_xlim(float(vals.min()) - 0.06 * span, float(vals.max()) + 0.06 * span)
+        fig.text(0.04, 0.04, f"median {med:.4g}, IQR [{q1:.4g}, {q3:.4g}] (shaded); "
+                 f"outliers beyond 1.5 IQR in orange ({int(n_out)}). Click a point to open its report.",
+                 ha="left", va="bottom", color=MUTED, fontsize=_FONT - 1)
+    else:
+        ax.text(0.5, 0.5, "no values", transform=ax.transAxes, ha="center", va="center", color=MUTED,
+                fontsize=_FONT + 1)
+        ax.set_xticks([])
+    ax.set_ylim(-0.5, 0.5)
+
+    def post(svg: str) -> str:
+        for gid, text in titles.items():
+            svg = svg.replace(f'<g id="{gid}">', f'<g id="{gid}">\n<title>{_xml_escape(text)}</title>', 1)
+        # links open in the page that shows the figure, not in a new tab or the <object> box
+        return svg.replace('target="_blank"', 'target="_top"')
+
+    if fmt == "png":
+        return _write_figure(fig, out_file)
+    return _write_figure(fig, out_file, postprocess=post)

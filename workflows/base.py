@@ -1,0 +1,62 @@
+"""The top-level ArborSeg workflow: one anatomical sub-workflow per subject/session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+
+from bids_app.bids import AnatInputs, raw_uri
+from bids_app.config import PreprocConfig
+from bids_app.core.crop import CEREBELLUM_BOX_MM
+from bids_app.resources import TemplateFiles
+
+from .outputs import init_anat_derivatives_wf, init_anat_reports_wf
+from .preproc import init_anat_preproc_wf
+
+
+def init_single_subject_wf(*, inputs: AnatInputs, bids_dir: Path, output_dir: Path, template: TemplateFiles,
+                           preproc: PreprocConfig, omp_nthreads: int = 1, random_seed: int = 42,
+                           name: str | None = None):
+    """Preprocessing, derivatives and reportlets of one subject (and session).
+
+    The segmentation branches of later stages connect to ``anat_preproc_wf.outputnode``.
+    """
+    if inputs.t1w is None:
+        raise ValueError(f"{inputs.label}: no T1w image")
+    wf = pe.Workflow(name=name or inputs.workflow_name)
+    source_file = str(inputs.t1w)
+    inputnode = pe.Node(niu.IdentityInterface(fields=["t1w"]), name="inputnode")
+    inputnode.inputs.t1w = source_file
+
+    anat_preproc_wf = init_anat_preproc_wf(
+        template_target=str(template.target), template_reference=str(template.reference),
+        template_mask=str(template.brain_mask), preproc=preproc, omp_nthreads=omp_nthreads, random_seed=random_seed)
+    derivatives_wf = init_anat_derivatives_wf(output_dir=str(output_dir), source_file=source_file,
+                                              source_uri=raw_uri(inputs.t1w, bids_dir), template=template.name,
+                                              box_mm=CEREBELLUM_BOX_MM)
+    reports_wf = init_anat_reports_wf(output_dir=str(output_dir), source_file=source_file, template=template.name,
+                                      template_reference=str(template.reference),
+                                      template_mask=str(template.brain_mask), box_mm=CEREBELLUM_BOX_MM)
+    to_derivatives = ["t1w_preproc", "icv_mask", "brain_mask", "icv_ml", "brain_ml", "forward_transform",
+                      "inverse_transform", "t1w_template", "registration_ncc", "cerebellum_crop"]
+    to_reports = ["t1w_conformed", "t1w_preproc", "icv_mask", "brain_mask", "t1w_template"]
+    wf.connect([
+        (inputnode, anat_preproc_wf, [("t1w", "inputnode.t1w")]),
+        (anat_preproc_wf, derivatives_wf, [(f"outputnode.{f}", f"inputnode.{f}") for f in to_derivatives]),
+        (anat_preproc_wf, reports_wf, [(f"outputnode.{f}", f"inputnode.{f}") for f in to_reports]),
+    ])
+    return wf
+
+
+def init_arborseg_wf(*, subjects: list[AnatInputs], bids_dir: Path, output_dir: Path, work_dir: Path,
+                     template: TemplateFiles, preproc: PreprocConfig, omp_nthreads: int = 1,
+                     random_seed: int = 42, name: str = "arborseg_wf"):
+    """All selected subjects/sessions side by side, cached under ``work_dir``."""
+    wf = pe.Workflow(name=name, base_dir=str(work_dir))
+    for inputs in subjects:
+        wf.add_nodes([init_single_subject_wf(inputs=inputs, bids_dir=bids_dir, output_dir=output_dir,
+                                             template=template, preproc=preproc, omp_nthreads=omp_nthreads,
+                                             random_seed=random_seed)])
+    return wf
