@@ -23,7 +23,7 @@ class PreprocConfig:
     #: non-local means: patch radius and search radius in voxels (ANTs DenoiseImage -p / -r)
     denoise: bool = True
     denoise_patch_radius: int = 1
-    denoise_search_radius: int = 2
+    denoise_search_radius: int = 1
     denoise_noise_model: str = "Rician"
     #: N4: shrink factor, iterations per level, B-spline distance (mm), convergence threshold
     n4_shrink_factor: int = 4

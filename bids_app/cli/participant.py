@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -182,6 +183,17 @@ def _execute(config: RunConfig, template, runs: dict[str, SubjectRun], ready: li
     ncfg.set("execution", "stop_on_first_crash", str(config.stop_on_first_crash).lower())
     ncfg.set("execution", "remove_unnecessary_outputs", "false")
     ncfg.set("monitoring", "enabled", "false")
+    nipype_level = "INFO" if config.verbosity >= 2 else "WARNING"
+    for key in ("workflow_level", "interface_level", "utils_level"):
+        ncfg.set("logging", key, nipype_level)
+    from nipype import logging as nlogging
+
+    nlogging.update_logging(ncfg)
+    for name in ("nipype.workflow", "nipype.interface", "nipype.utils"):
+        logging.getLogger(name).propagate = False
+    # threads of ANTs/ITK in the worker processes (inherited from this environment)
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(config.omp_nthreads)
+    os.environ["OMP_NUM_THREADS"] = str(config.omp_nthreads)
 
     config.work_dir.mkdir(parents=True, exist_ok=True)
     wf = init_arborseg_wf(subjects=[r.inputs for r in ready], bids_dir=config.bids_dir, output_dir=config.output_dir,

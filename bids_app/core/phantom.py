@@ -347,7 +347,7 @@ def _draw_anatomy(rng: np.random.Generator) -> _Anatomy:
         fissure_halfwidth=scalar(1.1, 1.4),
         sulcus_halfwidth=scalar(0.9, 1.1),
         sulcus_depth=scalar(11.0, 13.0),
-        sulcus_depth_var=scalar(2.0, 3.0),
+        sulcus_depth_var=scalar(3.5, 4.5),
         gyri_center=(0.0, -17.0, 6.0),
         gyri_dirs=tuple(tuple(float(c) for c in v) for v in _unit_vectors(rng, n_gyri)),  # type: ignore[misc]
         gyri_kappa=tuple(float(k) for k in rng.uniform(32.0, 42.0, size=n_gyri)),
@@ -400,7 +400,7 @@ def _cerebellum_sdf(x: np.ndarray, y: np.ndarray, z: np.ndarray, a: _Anatomy) ->
 def _brainstem_sdf(x: np.ndarray, y: np.ndarray, z: np.ndarray, a: _Anatomy) -> np.ndarray:
     """Signed distance of the brainstem: midbrain, pons and a medulla running down."""
     # medulla axis at (0, -28) at the pons, tilting backwards further down
-    yc = -28.0 - 0.2 * np.maximum(-30.0 - z, 0.0)
+    yc = -28.0 - 0.2 * np.clip(-30.0 - z, 0.0, 60.0)
     radial = np.sqrt(x * x + (y - yc) ** 2) - a.bs_radius
     column = np.maximum(radial, z + 4.0)
     pons = _sdf_ellipsoid(x, y, z, a.pons_c, a.pons_r)
@@ -449,7 +449,7 @@ def _sulcal_distance(
     # sulcal depth varies smoothly over the brain
     var = np.zeros_like(x)
     for (vx, vy, vz), phase in zip(a.depth_dirs, a.depth_phase):
-        var += np.sin(3.0 * (vx * ux + vy * uy + vz * uz) + phase)
+        var += np.sin(4.0 * (vx * ux + vy * uy + vz * uz) + phase)
     sdepth = a.sulcus_depth + a.sulcus_depth_var * var / len(a.depth_dirs) * 1.5
     w = a.sulcus_halfwidth
     sulcus = (sdist < w) & (depth < sdepth)
@@ -623,7 +623,7 @@ def make_label_phantom(
         Isotropic size factor of the head relative to MNI152.
     rotation_deg
         Rotation of the head about the world x, y and z axes (degrees, applied
-        in that order, about the MNI origin).
+        in that order about the MNI origin, i.e. ``R = Rz @ Ry @ Rx``).
     shift_mm
         Translation of the head in mm (applied after the rotation).
 
@@ -656,13 +656,13 @@ def make_label_phantom(
     lo = world.min(axis=0) - _GRID_MARGIN_MM
     hi = world.max(axis=0) + _GRID_MARGIN_MM
     lo[2] = world[corners[:, 2] == _HEAD_BOX_LO[2], 2].min()  # the field of view cuts the neck
+    affine = np.diag([vs[0], vs[1], vs[2], 1.0])
     axes = []
     for d in range(3):
         start = math.floor(lo[d] / vs[d]) * vs[d]
         n = int(math.ceil((hi[d] - start) / vs[d])) + 1
+        affine[d, 3] = start
         axes.append((start + vs[d] * np.arange(n)).astype(np.float32))
-    affine = np.diag([vs[0], vs[1], vs[2], 1.0])
-    affine[:3, 3] = [float(ax[0]) for ax in axes]
 
     # anatomical coordinates of every voxel, p = R^T (w - shift) / scale,
     # evaluated in cache-sized blocks
@@ -917,10 +917,14 @@ def write_demo_dataset(
 ) -> Path:
     """Write a small BIDS raw dataset of phantom subjects.
 
-    Subject ``sub-phantom01`` is stored RAS as float32; ``sub-phantom02`` in
-    LAS orientation as int16; the T1w of ``sub-phantom03`` (if requested) has
-    voxels ``(v, v, 2.5 v)`` and is stored as uint16; further subjects are
-    stored like the first.  The T1w and T2w of a subject share one anatomy.
+    Each subject has its own anatomy seed, a size within +-6 % of MNI152, a
+    rotation of up to 4 degrees about each axis and a shift of up to 4 mm per
+    axis (recorded as ``PhantomParameters`` in the JSON sidecars).  The T1w and
+    T2w of a subject share one anatomy.  Intensities are integers in 0..1000.
+    To exercise input conforming, ``sub-phantom01`` is stored RAS as float32,
+    ``sub-phantom02`` in LAS orientation as int16, the T1w of
+    ``sub-phantom03`` (if requested) with voxels ``(v, v, 2.5 v)`` as uint16;
+    further subjects are stored like the first.
 
     Parameters
     ----------
@@ -1010,14 +1014,16 @@ def write_demo_dataset(
             image = _scaled_0_1000(
                 render_contrast(lab, contrast=contrast, voxel_size=voxels, seed=subject_seed, pv_fwhm_mm=fwhm)
             )
-            if index == 2:  # LAS, int16
-                image = np.round(image[::-1]).astype(np.int16)
+            # integer intensities, as scanners write them (also compresses far better)
+            image = np.round(image, out=image)
+            if index == 2:  # LAS orientation: flip the first axis, fix the affine, int16
+                image = image[::-1].astype(np.int16)
                 flip = np.eye(4)
                 flip[0, 0] = -1.0
                 flip[0, 3] = lab.shape[0] - 1
                 aff = aff @ flip
-            elif index == 3 and contrast == "T1w":  # anisotropic, uint16
-                image = np.round(image).astype(np.uint16)
+            elif index == 3 and contrast == "T1w":  # anisotropic voxels, uint16
+                image = image.astype(np.uint16)
             stem = anat / f"{sub}_{contrast}"
             nib.save(_nifti(image, aff), str(stem) + ".nii.gz")
             _write_json(Path(str(stem) + ".json"), _sidecar(contrast, voxels, params))

@@ -368,6 +368,8 @@ def _inline_svg(file: Path, prefix: str) -> Markup | None:
     text = _SVG_METADATA.sub("", _SVG_PROLOG.sub("", text, count=1))
     text = _SVG_ID.sub(lambda m: f'id="{prefix}{m.group(1)}"', text)
     text = _SVG_REF.sub(lambda m: f"{m.group(1)}{prefix}{m.group(2)}", text)
+    # matplotlib's document-wide "*{stroke-...}" rule must not leak into the page
+    text = re.sub(r"(<style[^>]*>\s*(?:<!\[CDATA\[)?\s*)\*\s*\{", r"\1svg.inline-figure *{", text)
     text = text.replace("<svg", '<svg class="inline-figure" role="img"', 1)
     return Markup(text)
 
@@ -445,17 +447,39 @@ def _render(template: str, view: dict, out_file: Path) -> Path:
 def render_subject_report(context: Mapping[str, Any], out_file: str | os.PathLike) -> Path:
     """Render the subject (or subject-session) report to ``out_file`` and return its path.
 
-    ``context`` follows the schema documented in the project brief (``title``,
-    ``subject``, ``session``, ``status``, ``inputs``, ``sections``, ``metrics``,
-    ``runtimes``, ``software``, ``warnings``, ``boilerplate``, ``errors`` ...); every key
-    may be missing. Figure paths are relative to the directory of ``out_file``.
+    ``context`` keys (every one may be missing)::
+
+        title: str                      e.g. "sub-01 ses-A" (default from subject/session)
+        subject, session: str | None
+        version, generated, command: str
+        status: "success" | "failed"    (anything else shows as a grey badge)
+        error: str | None               headline of the failure
+        errors: [str]                   crash texts, shown in the Errors section
+        inputs: [{path, suffix, shape, voxel_size, orientation, datatype, used, note}]
+        sections: [{title, description?, reportlets: [{path, caption, title?, interactive?}]}]
+        metrics: [{name, value, unit}]
+        runtimes: [{stage, seconds}]
+        software: [{name, version}]
+        warnings: [str]
+        boilerplate: str                methods text (newlines kept)
+
+    Figure paths are relative to the directory of ``out_file``. A reportlet is embedded
+    with ``<object>`` when ``interactive`` is true or, if unset, when the file is one of
+    the hover "flicker" SVGs; otherwise with ``<img>``.
     """
     out_file = Path(out_file)
     return _render("subject.html.j2", _subject_view(context, out_file.parent), out_file)
 
 
 def render_group_report(context: Mapping[str, Any], out_file: str | os.PathLike) -> Path:
-    """Render the group report (status table, strip plots, warnings) to ``out_file``."""
+    """Render the group report (status table, strip plots, warnings) to ``out_file``.
+
+    ``context`` keys: ``version``, ``generated``, ``command``, ``n_subjects``,
+    ``n_failed`` (both computed from ``rows`` when missing), ``columns`` (metric keys
+    shown as table columns), ``rows`` (``[{label, subject, session, status, error,
+    report, <column>: value}]``), ``figures`` (``[{path, caption}]``; SVGs are inlined so
+    their links work) and ``warnings``.
+    """
     out_file = Path(out_file)
     return _render("group.html.j2", _group_view(context, out_file.parent), out_file)
 

@@ -451,6 +451,12 @@ def _write_figure(fig, out_file: Path, postprocess=None) -> Path:
     return out_file
 
 
+def _mm(value: float) -> str:
+    """Whole millimetres without a "-0"."""
+    text = f"{float(value):.0f}"
+    return "0" if text == "-0" else text
+
+
 def _style_axes(ax) -> None:
     ax.set_facecolor(BG)
     ax.set_xticks([])
@@ -541,7 +547,7 @@ class _Mosaic:
                 ax.text(
                     0.03,
                     0.03,
-                    f"{_AXIS_NAME[fixed]}={mm:.0f}",
+                    f"{_AXIS_NAME[fixed]}={_mm(mm)}",
                     transform=ax.transAxes,
                     color=FG,
                     fontsize=_FONT - 1,
@@ -750,17 +756,20 @@ def plot_registration(
     n_cuts: int = 6,
     flicker: bool = False,
     views: Sequence[str] = VIEWS,
-    labels: Sequence[str] = ("template", "warped"),
+    labels: Sequence[str] = ("warped", "template"),
     title: str | None = None,
 ) -> Path:
     """Check a spatial normalisation: ``warped`` (subject in template space) with the
     template's edges drawn on top.
 
-    The edges are the contours of the template's grey/white-matter intensity boundary
-    (a 3-class k-means threshold inside ``template_mask``, or inside the template's
-    above-threshold content) plus the outline of ``template_mask`` when given. With
-    ``flicker=True`` the figure alternates template and warped image (SVG hover, or two
-    stacked mosaics for PNG), both with the same edges. ``warped`` is resampled onto the
+    The edges are iso-intensity contours of the (lightly smoothed) template at the
+    threshold between its two brightest tissue classes (3-class k-means inside
+    ``template_mask``, or inside the template's above-threshold content): the
+    grey/white-matter boundary for a T1w template. The outline of ``template_mask`` (or
+    of the template's content) is drawn in a second colour. With
+    ``flicker=True`` the warped image is shown and the template replaces it on mouse
+    hover (SVG; PNG stacks the two mosaics), both with the same edges; ``labels`` names
+    the two layers in that order. ``warped`` is resampled onto the
     template grid when the grids differ.
     """
     from scipy import ndimage
@@ -782,7 +791,7 @@ def plot_registration(
     conts: list[_Contour] = []
     bounds = _tissue_boundaries(smooth, mask)
     if bounds:
-        conts.append(_Contour(data=smooth, level=bounds[-1], color=EDGE_COLOR, label="template GM/WM edge", linewidth=0.8))
+        conts.append(_Contour(data=smooth, level=bounds[-1], color=EDGE_COLOR, label="template edges", linewidth=0.8))
     outline = mask.astype(np.float32)
     if template_mask is None:
         outline = ndimage.binary_fill_holes(ndimage.binary_opening(mask, iterations=1)).astype(np.float32)
@@ -794,7 +803,7 @@ def plot_registration(
         fig = _single_mosaic_figure(m_wrp, title)
         return _write_figure(fig, out_file)
     m_tpl = _Mosaic(vol=tpl, window=(t_lo, t_hi), views=m_wrp.views, cuts=m_wrp.cuts, crop=m_wrp.crop, contours=conts)
-    return _write_flicker(m_tpl, m_wrp, out_file, labels, title)
+    return _write_flicker(m_wrp, m_tpl, out_file, labels, title)
 
 
 # ------------------------------------------------------------------------- crop box
@@ -865,7 +874,7 @@ def plot_crop_box(
         ax.add_patch(rect)
         ax.set_xlim(*limits[h])
         ax.set_ylim(*limits[v])
-        ax.set_title(f"{view}, {_AXIS_NAME[fixed]} = {vol.coords[fixed][idx]:.0f} mm", loc="left", color=FG,
+        ax.set_title(f"{view}, {_AXIS_NAME[fixed]} = {_mm(vol.coords[fixed][idx])} mm", loc="left", color=FG,
                      fontsize=_FONT + 1, pad=4)
         neg, pos = _VIEW_LETTERS[view]
         for x, letter, ha in ((0.02, neg, "left"), (0.98, pos, "right")):
@@ -873,8 +882,8 @@ def plot_crop_box(
                     fontweight="bold", ha=ha, va="center", bbox=_label_box())
     dims = box[:, 1] - box[:, 0]
     desc = (
-        "box  x [{:.0f}, {:.0f}]  y [{:.0f}, {:.0f}]  z [{:.0f}, {:.0f}] mm   ({:.0f} x {:.0f} x {:.0f} mm)".format(
-            *box.ravel(), *dims
+        "box  x [{}, {}]  y [{}, {}]  z [{}, {}] mm   ({} x {} x {} mm)".format(
+            *(_mm(v) for v in box.ravel()), *(_mm(v) for v in dims)
         )
     )
     if outside:

@@ -1,0 +1,231 @@
+"""Tests for the HTML reports (bids_app.reports.report)."""
+
+from __future__ import annotations
+
+import copy
+import os
+import stat
+from html.parser import HTMLParser
+from pathlib import Path
+
+import nibabel as nb
+import numpy as np
+import pytest
+
+from bids_app.reports import report as rp
+from bids_app.reports import reportlets as rl
+
+FIG = "sub-01/figures/sub-01_desc-denoise_T1w.svg"
+FLICKER = "sub-01/figures/sub-01_desc-flicker_T1w.svg"
+
+
+def _subject_context() -> dict:
+    return {
+        "title": "sub-01 ses-A",
+        "subject": "01",
+        "session": "A",
+        "version": "0.1.0",
+        "generated": "2026-11-21 20:00 UTC",
+        "command": "arborseg /data /out participant --participant-label 01",
+        "status": "success",
+        "error": None,
+        "inputs": [
+            {"path": "sub-01/anat/sub-01_T1w.nii.gz", "suffix": "T1w", "shape": [188, 256, 190],
+             "voxel_size": [0.88, 0.88, 0.88], "orientation": "RAS", "datatype": "uint8", "used": True, "note": ""},
+            {"path": "sub-01/anat/sub-01_T2w.nii.gz", "suffix": "T2w", "shape": [256, 256, 40],
+             "voxel_size": [0.9, 0.9, 4.0], "orientation": "LPS", "datatype": "int16", "used": False,
+             "note": "too thick"},
+        ],
+        "sections": [
+            {"title": "Preprocessing", "reportlets": [
+                {"path": FIG, "caption": "Denoising result"},
+                {"path": FLICKER, "caption": "Before and after"},
+            ]},
+            {"title": "Segmentation", "reportlets": []},
+        ],
+        "metrics": [{"name": "Intracranial volume", "value": 1450.2, "unit": "mL"},
+                    {"name": "Dice", "value": np.float32(0.87312), "unit": ""}],
+        "runtimes": [{"stage": "denoise", "seconds": 21.0}, {"stage": "registration", "seconds": 300.0}],
+        "software": [{"name": "ANTsPy", "version": "0.6.3"}],
+        "warnings": ["T2w ignored", "odd <script>alert('x')</script> value"],
+        "boilerplate": "Methods text line 1.\nLine 2 with <b>markup</b>.",
+        "errors": [],
+    }
+
+
+def _blob_image():
+    data = np.zeros((20, 24, 18), np.float32)
+    data[5:15, 6:18, 4:14] = np.linspace(50, 150, 1200).reshape(10, 12, 10)
+    return nb.Nifti1Image(data, np.diag([-1.0, 1.2, 2.0, 1.0]))
+
+
+def _make_figures(root: Path) -> None:
+    img = _blob_image()
+    rl.plot_mosaic(img, root / FIG, n_cuts=2, views=("axial",))
+    smooth = nb.Nifti1Image(img.get_fdata().astype(np.float32) * 0.9, img.affine)
+    rl.plot_before_after(img, smooth, root / FLICKER, n_cuts=2, views=("axial",))
+
+
+class _Collector(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags: list[tuple[str, dict]] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+
+def _tags(html: str) -> list[tuple[str, dict]]:
+    parser = _Collector()
+    parser.feed(html)
+    return parser.tags
+
+
+def _only_file(folder: Path, name: str) -> None:
+    leftovers = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != name)
+    assert leftovers == [], leftovers
+
+
+# -------------------------------------------------------------------- subject
+def test_subject_report_content(tmp_path):
+    _make_figures(tmp_path)
+    out = rp.render_subject_report(_subject_context(), tmp_path / "sub-01_ses-A.html")
+    assert out == tmp_path / "sub-01_ses-A.html"
+    html = out.read_text(encoding="utf-8")
+    # inputs table
+    for value in ("sub-01/anat/sub-01_T1w.nii.gz", "188 \u00d7 256 \u00d7 190", "0.88 \u00d7 0.88 \u00d7 0.88",
+                  "0.9 \u00d7 0.9 \u00d7 4", "RAS", "LPS", "uint8", "too thick", "anisotropic"):
+        assert value in html, value
+    # status, summary, metrics, run times, software, boilerplate
+    assert 'class="badge success"' in html
+    assert "sub-01 ses-A" in html and "Intracranial volume" in html and "1450.2" in html and "0.873" in html
+    assert "5 min 21 s" in html  # total run time
+    assert "ANTsPy" in html and "0.6.3" in html
+    assert "Methods text line 1.\nLine 2 with &lt;b&gt;markup&lt;/b&gt;." in html
+    # warnings, escaped
+    assert "T2w ignored" in html
+    assert "<script>" not in html
+    assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;" in html
+    # figures
+    tags = _tags(html)
+    img_src = [a.get("src") for t, a in tags if t == "img"]
+    assert FIG in img_src
+    objects = [a.get("data") for t, a in tags if t == "object"]
+    assert objects == [FLICKER]  # interactive flicker gets <object>, static SVG stays <img>
+    assert "Denoising result" in html and "Before and after" in html
+    # navigation
+    hrefs = [a.get("href") for t, a in tags if t == "a"]
+    for anchor in ("#summary", "#sec-preprocessing", "#sec-segmentation", "#runtimes", "#about"):
+        assert anchor in hrefs
+    ids = {a.get("id") for _, a in tags}
+    assert {"summary", "sec-preprocessing", "runtimes", "about"} <= ids
+    assert "#errors" not in hrefs
+    # self-contained
+    assert "http://" not in html and "https://" not in html and "<link" not in html
+    _only_file(tmp_path, out.name)
+
+
+def test_subject_report_failed_with_errors(tmp_path):
+    ctx = _subject_context()
+    ctx.update(status="failed", error="RuntimeError: boom <x>",
+               errors=["Traceback (most recent call last):\n  File 'x.py'\nRuntimeError: boom <x>"])
+    html = rp.render_subject_report(ctx, tmp_path / "r.html").read_text()
+    assert 'class="badge failed"' in html
+    assert 'href="#errors"' in html and 'id="errors"' in html
+    assert "RuntimeError: boom &lt;x&gt;" in html
+    assert 'class="callout error"' in html
+    assert "(1 error)" in html  # error message already part of the traceback
+
+
+def test_subject_report_copes_with_missing_keys(tmp_path):
+    out = rp.render_subject_report({}, tmp_path / "empty.html")
+    html = out.read_text()
+    assert "badge unknown" in html and "No input files" in html
+    out = rp.render_subject_report({"subject": "02", "sections": [{"reportlets": [{"path": "x.png"}]}],
+                                    "runtimes": [{"stage": "a", "seconds": None}],
+                                    "inputs": [{"path": "a.nii"}], "metrics": [{"name": "m", "value": float("nan")}]},
+                                   tmp_path / "partial.html")
+    html = out.read_text()
+    assert "sub-02" in html and 'src="x.png"' in html and "not found" in html and "n/a" in html
+
+
+def test_report_write_is_atomic(tmp_path, monkeypatch):
+    out = tmp_path / "report.html"
+    out.write_text("old report")
+    rp.render_subject_report(_subject_context(), out)
+    assert "sub-01 ses-A" in out.read_text()
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644
+    _only_file(tmp_path, out.name)
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(rp.os, "replace", broken_replace)
+    previous = out.read_text()
+    with pytest.raises(OSError):
+        rp.render_subject_report(copy.deepcopy(_subject_context()) | {"title": "new"}, out)
+    assert out.read_text() == previous  # untouched
+    _only_file(tmp_path, out.name)  # temp file cleaned up
+
+
+def test_formatters():
+    assert rp.format_duration(21) == "21.0 s"
+    assert rp.format_duration(3725) == "1 h 02 min"
+    assert rp.format_value(None) == "" and rp.format_value(3) == "3" and rp.format_value(0.000123) == "0.000123"
+    assert rp.format_dims([1, 2.5, 3.0]) == "1 \u00d7 2.5 \u00d7 3"
+
+
+# ---------------------------------------------------------------------- group
+def _group_context(tmp_path: Path) -> dict:
+    rows = [
+        {"label": "sub-01 ses-A", "subject": "01", "session": "A", "status": "success", "error": None,
+         "report": "sub-01_ses-A.html", "ICV_mL": 1450.0},
+        {"label": "sub-02", "subject": "02", "session": None, "status": "failed", "error": "crash <here>",
+         "report": "sub-02.html", "ICV_mL": None},
+        {"label": "sub-03", "subject": "03", "session": None, "status": "success", "error": None,
+         "report": "sub-03.html", "ICV_mL": 1390.5},
+    ]
+    (tmp_path / "figures").mkdir()
+    rl.plot_group_strip(rows, "ICV_mL", tmp_path / "figures/group_desc-ICV_mL_strip.svg")
+    return {
+        "version": "0.1.0", "generated": "2026-11-21 20:00 UTC", "command": "arborseg /data /out group",
+        "n_subjects": 3, "n_failed": 1, "columns": ["ICV_mL"], "rows": rows,
+        "figures": [{"path": "figures/group_desc-ICV_mL_strip.svg", "caption": "ICV strip"},
+                    {"path": "figures/missing.svg", "caption": "gone"}],
+        "warnings": ["sub-02 failed <script>bad()</script>"],
+    }
+
+
+def test_group_report(tmp_path):
+    out = rp.render_group_report(_group_context(tmp_path), tmp_path / "group.html")
+    html = out.read_text()
+    tags = _tags(html)
+    links = [a.get("href") for t, a in tags if t == "a"]
+    assert {"sub-01_ses-A.html", "sub-02.html", "sub-03.html"} <= set(links)
+    failed_rows = [a for t, a in tags if t == "tr" and "failed" in (a.get("class") or "")]
+    assert len(failed_rows) == 1
+    assert "crash &lt;here&gt;" in html and "1450.0" in html and "1390.5" in html
+    # strip plot inlined: its point links are in the page itself
+    assert '<svg class="inline-figure"' in html
+    assert 'xlink:href="sub-03.html"' in html
+    assert "<title>sub-03: 1390.5</title>" in html
+    assert "ICV strip" in html
+    # missing figure falls back to an <img> with a note
+    assert 'src="figures/missing.svg"' in html and "not found" in html
+    # warnings escaped
+    assert "<script>" not in html and "&lt;script&gt;bad()&lt;/script&gt;" in html
+    assert "group.html" in os.listdir(tmp_path)
+    _only_file(tmp_path, out.name)
+
+
+def test_group_report_ids_do_not_clash(tmp_path):
+    ctx = _group_context(tmp_path)
+    ctx["figures"] = [ctx["figures"][0], dict(ctx["figures"][0], caption="again")]
+    html = rp.render_group_report(ctx, tmp_path / "group.html").read_text()
+    ids = [a["id"] for _, a in _tags(html) if "id" in a]
+    assert len(ids) == len(set(ids))
+
+
+def test_group_report_minimal(tmp_path):
+    html = rp.render_group_report({"rows": [{"subject": "01", "status": "failed"}]}, tmp_path / "g.html").read_text()
+    assert "sub-01" in html and 'class="failed"' in html
