@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny BIDS datasets and a phantom TemplateFlow folder, all made here."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("NIPYPE_NO_ET", "1")
+os.environ.setdefault("ARBORSEG_OFFLINE", "1")  # tests never try to download anything
+
+
+@pytest.fixture(scope="session")
+def phantom_templateflow(tmp_path_factory) -> Path:
+    """A TemplateFlow home with the phantom template (4 mm target, 2 mm reference)."""
+    from bids_app.cli.demo import write_phantom_templateflow
+
+    home = tmp_path_factory.mktemp("templateflow")
+    write_phantom_templateflow(home, target_res_mm=4.0, reference_res_mm=2.0)
+    return home
+
+
+def write_nifti(path: Path, data, affine=None, dtype=None) -> Path:
+    import nibabel as nb
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = np.asarray(data, dtype=dtype) if dtype else np.asarray(data)
+    nb.save(nb.Nifti1Image(data, np.diag([2.0, 2.0, 2.0, 1.0]) if affine is None else affine), str(path))
+    return path
+
+
+def blob_volume(shape=(40, 48, 40), seed=0) -> np.ndarray:
+    """A bright ellipsoid with noise: a valid, tiny anatomical-looking volume."""
+    rng = np.random.default_rng(seed)
+    grid = np.indices(shape).astype(float)
+    centre = (np.array(shape) - 1) / 2
+    r = sum(((g - c) / (0.35 * s)) ** 2 for g, c, s in zip(grid, centre, shape))
+    return (np.where(r < 1, 100.0, 5.0) + rng.normal(0, 2, shape)).clip(0).astype(np.float32)
+
+
+@pytest.fixture
+def make_bids(tmp_path):
+    """``make_bids({"01": {"T1w": array_or_path_or_callable}, ...})`` -> a BIDS root."""
+
+    def _make(subjects: dict, name="bids") -> Path:
+        root = tmp_path / name
+        root.mkdir()
+        (root / "dataset_description.json").write_text(json.dumps({"Name": "tiny", "BIDSVersion": "1.9.0"}))
+        for sub, images in subjects.items():
+            anat = root / f"sub-{sub}" / "anat"
+            anat.mkdir(parents=True)
+            for suffix, content in images.items():
+                path = anat / f"sub-{sub}_{suffix}.nii.gz"
+                if callable(content):
+                    content(path)
+                else:
+                    write_nifti(path, content)
+        return root
+
+    return _make
+
+
+def tree_state(root: Path) -> dict:
+    """Every file under ``root`` with its size and mtime: to prove nothing was written there."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*"))}
