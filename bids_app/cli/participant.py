@@ -179,10 +179,9 @@ def _execute(config: RunConfig, template, runs: dict[str, SubjectRun], ready: li
     crash_dir = config.output_dir / "logs" / "crash"
     ncfg.set("execution", "crashdump_dir", str(crash_dir))
     ncfg.set("execution", "crashfile_format", "txt")
-    ncfg.set("execution", "hash_method", "content")
     ncfg.set("execution", "stop_on_first_crash", str(config.stop_on_first_crash).lower())
-    ncfg.set("execution", "remove_unnecessary_outputs", "false")
     ncfg.set("monitoring", "enabled", "false")
+    ncfg.set("execution", "poll_sleep_duration", "0.2")  # nipype's 2 s default idles between short steps
     nipype_level = "INFO" if config.verbosity >= 2 else "WARNING"
     for key in ("workflow_level", "interface_level", "utils_level"):
         ncfg.set("logging", key, nipype_level)
@@ -200,7 +199,8 @@ def _execute(config: RunConfig, template, runs: dict[str, SubjectRun], ready: li
                           work_dir=config.work_dir, template=template, preproc=config.preproc,
                           omp_nthreads=config.omp_nthreads, random_seed=config.random_seed)
     wf.config["execution"].update({"crashdump_dir": str(crash_dir), "crashfile_format": "txt",
-                                   "stop_on_first_crash": config.stop_on_first_crash, "hash_method": "content"})
+                                   "stop_on_first_crash": config.stop_on_first_crash,
+                                   "poll_sleep_duration": 0.2})
     timer = StageTimer(runs, _count_nodes(wf))
     plugin_args = {"status_callback": timer, "raise_insufficient": False}
     if config.nprocs > 1:

@@ -19,8 +19,14 @@ def box_slices(affine: np.ndarray, shape, box_mm) -> tuple[slice, slice, slice]:
     inv = np.linalg.inv(affine)
     corners = np.array([[x, y, z, 1.0] for x in box_mm[0] for y in box_mm[1] for z in box_mm[2]])
     vox = (corners @ inv.T)[:, :3]
-    lo = np.ceil(vox.min(axis=0) - 0.5 + 1e-6).astype(int)  # voxel centres inside the box
-    hi = np.floor(vox.max(axis=0) - 0.5 + 1e-6).astype(int) + 1
+    # Work along each voxel axis in the direction of increasing world coordinate, so that the
+    # box's [start, stop) selects the same world voxels whatever the axis sign (LAS == RAS).
+    sign = np.sign(rot[np.argmax(np.abs(rot), axis=0), np.arange(3)])
+    svox = vox * sign
+    lo = np.ceil(svox.min(axis=0) - 0.5 + 1e-6).astype(int)  # voxel centres inside the box
+    hi = np.floor(svox.max(axis=0) - 0.5 + 1e-6).astype(int) + 1
+    # back to voxel indices: on a flipped axis the half-open range [lo, hi) of -i is (-hi, -lo]
+    lo, hi = np.where(sign > 0, lo, 1 - hi), np.where(sign > 0, hi, 1 - lo)
     lo = np.clip(lo, 0, shape[:3])
     hi = np.clip(hi, 0, shape[:3])
     if np.any(hi <= lo):

@@ -23,10 +23,20 @@ def register_affine(moving, fixed, *, fixed_mask=None, random_seed: int = 42, me
     amask = None
     if fixed_mask is not None:
         amask = to_ants(fixed_mask)
-    result = ants.registration(
-        fixed=to_ants(fixed), moving=to_ants(moving), type_of_transform="Affine", aff_metric=metric,
-        mask=amask, random_seed=int(random_seed), verbose=False,
-    )
+    # ANTsPy >= 0.6 ignores a ``random_seed`` argument (it disappears in **kwargs) and passes
+    # --random-seed only from ``ants.config._random_seed``; set it for this call only.
+    config = getattr(ants, "config", None)
+    previous = getattr(config, "_random_seed", None)
+    if config is not None:
+        config._random_seed = int(random_seed)
+    try:
+        result = ants.registration(
+            fixed=to_ants(fixed), moving=to_ants(moving), type_of_transform="Affine", aff_metric=metric,
+            mask=amask, random_seed=int(random_seed), verbose=False,
+        )
+    finally:
+        if config is not None:
+            config._random_seed = previous
     paths = result["fwdtransforms"]
     transform = ants.read_transform(paths[0])
     for path in paths:  # ANTsPy leaves its transforms in the temp folder

@@ -1,0 +1,151 @@
+"""The real graph, end to end, on the phantom BIDS dataset (minutes): participant, resume,
+reports-only and group levels, one broken subject that must not stop the others."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bids_app.cli.run import main
+from tests.conftest import tree_state
+
+pytestmark = pytest.mark.e2e
+
+
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory, phantom_templateflow):
+    import nibabel as nb
+
+    from bids_app.core.phantom import write_demo_dataset
+
+    root = tmp_path_factory.mktemp("e2e")
+    bids = write_demo_dataset(root / "bids", n_subjects=2, voxel_size=2.0, seed=3)
+    # a third subject whose T1w has NaN voxels: it must fail alone
+    broken = bids / "sub-broken" / "anat"
+    broken.mkdir(parents=True)
+    src = nb.load(str(bids / "sub-phantom01" / "anat" / "sub-phantom01_T1w.nii.gz"))
+    data = np.asarray(src.dataobj, dtype=np.float32).copy()
+    data[10, 10, 10] = np.nan
+    nb.save(nb.Nifti1Image(data, src.affine), str(broken / "sub-broken_T1w.nii.gz"))
+    with open(bids / "participants.tsv", "a") as fh:
+        fh.write("sub-broken\tn/a\tn/a\n")
+    out = bids / "derivatives" / "arborseg"  # allowed inside the input dataset
+    args = [str(bids), str(out), "participant", "-w", str(root / "work"), "--template", "ArborSegPhantom",
+            "--templateflow-home", str(phantom_templateflow), "--voxel-size", "2", "--nprocs", "2"]
+    before = tree_state(bids)
+    t0 = time.perf_counter()
+    code = main(args)
+    first = time.perf_counter() - t0
+    return {"bids": bids, "out": out, "args": args, "code": code, "first": first, "before": before, "root": root}
+
+
+def test_participant_outputs(e2e):
+    assert e2e["code"] == 1  # one participant failed, the others finished
+    out = e2e["out"]
+    for sub in ("phantom01", "phantom02"):
+        anat = out / f"sub-{sub}" / "anat"
+        for name in ("desc-preproc_T1w", "label-ICV_mask", "desc-brain_mask",
+                     "from-T1w_to-ArborSegPhantom_mode-image_xfm", "from-ArborSegPhantom_to-T1w_mode-image_xfm",
+                     "space-ArborSegPhantom_desc-preproc_T1w", "space-ArborSegPhantom_desc-cerebellum_T1w"):
+            matches = list(anat.glob(f"sub-{sub}_{name}.*"))
+            assert {p.suffix for p in matches} >= {".json"}, name
+            sidecar = json.loads((anat / f"sub-{sub}_{name}.json").read_text())
+            assert sidecar["Sources"], name
+        t1 = json.loads((anat / f"sub-{sub}_desc-preproc_T1w.json").read_text())
+        assert t1["Sources"] == [f"bids:raw:sub-{sub}/anat/sub-{sub}_T1w.nii.gz"]
+        icv = json.loads((anat / f"sub-{sub}_label-ICV_mask.json").read_text())
+        assert 900 < icv["VolumeML"] < 2200
+        figures = sorted(p.name for p in (out / f"sub-{sub}" / "figures").glob("*.svg"))
+        assert len(figures) == 5, figures
+        html = (out / f"sub-{sub}.html").read_text()
+        assert "success" in html.lower() and "figures/" in html
+        record = json.loads((out / "logs" / f"sub-{sub}_record.json").read_text())
+        assert record["status"] == "success"
+        stages = {r["stage"] for r in record["runtimes"]}
+        assert {"conform", "denoise", "n4", "template_registration", "brain_mask", "n4_masked",
+                "intensity_normalisation", "template_resampling", "cerebellum_crop"} <= stages
+    broken = json.loads((out / "logs" / "sub-broken_record.json").read_text())
+    assert broken["status"] == "failed" and "NaN" in broken["error"]
+    assert not (out / "sub-broken").exists()
+
+
+def test_preprocessing_is_plausible(e2e):
+    import nibabel as nb
+
+    anat = e2e["out"] / "sub-phantom01" / "anat"
+    t1 = nb.load(str(anat / "sub-phantom01_desc-preproc_T1w.nii.gz"))
+    brain = np.asarray(nb.load(str(anat / "sub-phantom01_desc-brain_mask.nii.gz")).dataobj) > 0
+    icv = np.asarray(nb.load(str(anat / "sub-phantom01_label-ICV_mask.nii.gz")).dataobj) > 0
+    assert nb.aff2axcodes(t1.affine) == ("R", "A", "S")
+    assert np.allclose(nb.affines.voxel_sizes(t1.affine), 2.0)
+    assert brain.sum() < icv.sum() and (brain & ~icv).sum() == 0
+    data = np.asarray(t1.dataobj)
+    assert abs(np.percentile(data[brain], 99) - 1.0) < 0.02
+    crop = nb.load(str(anat / "sub-phantom01_space-ArborSegPhantom_desc-cerebellum_T1w.nii.gz"))
+    assert crop.shape == (64, 44, 44)  # the 128 x 88 x 88 mm box at 2 mm
+    assert float(np.asarray(crop.dataobj).mean()) > 0.1  # tissue, not air
+
+
+def test_input_untouched(e2e):
+    after = {k: v for k, v in tree_state(e2e["bids"]).items() if not k.startswith("derivatives")}
+    assert after == e2e["before"]
+
+
+def test_pybids_indexes_every_derivative(e2e):
+    from bids import BIDSLayout
+
+    layout = BIDSLayout(str(e2e["bids"]), validate=False, derivatives=str(e2e["out"]))
+    deriv = layout.derivatives["ArborSeg"] if "ArborSeg" in layout.derivatives else list(layout.derivatives.values())[0]
+    indexed = {Path(f).resolve() for f in deriv.get(return_type="file")}
+    written = {p.resolve() for p in e2e["out"].glob("sub-*/**/*") if p.is_file()}
+    assert written and written <= indexed, sorted(map(str, written - indexed))
+    assert deriv.get(subject="phantom01", desc="preproc", suffix="T1w", extension=".nii.gz", space=None)
+
+
+def test_logs_and_description(e2e):
+    out = e2e["out"]
+    desc = json.loads((out / "dataset_description.json").read_text())
+    assert desc["DatasetType"] == "derivative" and desc["GeneratedBy"][0]["Name"] == "ArborSeg"
+    tomls = list((out / "logs").glob("config-*.toml"))
+    import tomllib
+
+    cfg = tomllib.loads(tomls[0].read_text())
+    assert cfg["arborseg"]["template"] == "ArborSegPhantom" and cfg["preproc"]["voxel_size"] == 2.0
+    citation = (out / "logs" / "CITATION.md").read_text()
+    assert "N4" in citation and "Tustison" in citation
+    assert not list(out.rglob("*.part"))
+
+
+def test_resume_reuses_cache_and_is_identical(e2e):
+    out = e2e["out"]
+    ref = _md5(out / "sub-phantom01" / "anat" / "sub-phantom01_desc-preproc_T1w.nii.gz")
+    t0 = time.perf_counter()
+    assert main(e2e["args"]) == 1
+    second = time.perf_counter() - t0
+    assert _md5(out / "sub-phantom01" / "anat" / "sub-phantom01_desc-preproc_T1w.nii.gz") == ref
+    assert second < e2e["first"] * 0.6, (second, e2e["first"])
+
+
+def test_reports_only_and_group(e2e, capsys):
+    out = e2e["out"]
+    (out / "sub-phantom02.html").unlink()
+    assert main(e2e["args"] + ["--reports-only", "--participant-label", "phantom02"]) == 0
+    assert (out / "sub-phantom02.html").is_file()
+    assert main([str(e2e["bids"]), str(out), "group"]) == 0
+    tsv = (out / "group.tsv").read_text().splitlines()
+    header = tsv[0].split("\t")
+    rows = {ln.split("\t")[0]: dict(zip(header, ln.split("\t"))) for ln in tsv[1:]}
+    assert set(rows) == {"sub-phantom01", "sub-phantom02", "sub-broken"}
+    assert rows["sub-broken"]["status"] == "failed" and rows["sub-phantom01"]["status"] == "success"
+    assert float(rows["sub-phantom01"]["icv_ml"]) > 0
+    html = (out / "group.html").read_text()
+    assert "sub-phantom01.html" in html and "sub-broken" in html
