@@ -103,7 +103,10 @@ def preflight(run: SubjectRun) -> None:
 
 
 def _count_nodes(wf) -> int:
-    return sum(1 for _ in wf._get_all_nodes())
+    """Nodes that really run (identity nodes are removed by Nipype before execution)."""
+    from nipype.interfaces.utility import IdentityInterface
+
+    return sum(1 for n in wf._get_all_nodes() if not isinstance(n.interface, IdentityInterface))
 
 
 def _crash_message(crash_dir: Path, node_names: list[str], since: float) -> str | None:

@@ -13,7 +13,7 @@ def n4_correct(img, *, mask: np.ndarray | None = None, shrink_factor: int = 4,
     """Estimate the bias field (inside ``mask`` when given) and divide it out everywhere.
 
     Returns ``(corrected, bias_field)`` as float32 images on ``img``'s grid. Intensities are
-    shifted to be positive for the log-domain fit and shifted back afterwards.
+    shifted to be positive for the log-domain fit only; the input itself is divided by the field.
     """
     import ants
 
@@ -34,5 +34,5 @@ def n4_correct(img, *, mask: np.ndarray | None = None, shrink_factor: int = 4,
     )
     bias = np.asarray(from_ants(field).dataobj, dtype=np.float32)
     bias = np.where(bias > 1e-6, bias, 1.0).astype(np.float32)
-    corrected = (data + offset) / bias - offset
+    corrected = data / bias  # the offset only serves the log-domain fit; zero background stays zero
     return like(img, corrected, dtype=np.float32), like(img, bias, dtype=np.float32)

@@ -1,0 +1,74 @@
+"""Real scans from ../shared/data/bids-realworld (selected with -m realdata and ARBORSEG_SHARED_DATA).
+
+sub-chris is a 0.88 mm whole head; sub-tcga6692 a clinical glioma scan with 5.5 mm slices.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bids_app.cli.run import main
+from tests.conftest import tree_state
+
+pytestmark = pytest.mark.realdata
+
+SHARED = os.getenv("ARBORSEG_SHARED_DATA")
+SUBJECTS = ("chris", "tcga6692")
+
+
+@pytest.fixture(scope="module")
+def realworld(tmp_path_factory):
+    if not SHARED or not (Path(SHARED) / "bids-realworld").is_dir():
+        pytest.fail("set ARBORSEG_SHARED_DATA to ../shared/data to run the real-data layer")
+    bids = Path(SHARED) / "bids-realworld"
+    tf = Path(SHARED) / "templateflow"
+    root = tmp_path_factory.mktemp("realworld")
+    before = tree_state(bids)
+    code = main([str(bids), str(root / "out"), "participant", "--participant-label", *SUBJECTS, "-w",
+                 str(root / "work"), "--templateflow-home", str(tf), "--nprocs", "2"])
+    group = main([str(bids), str(root / "out"), "group"])
+    return {"bids": bids, "out": root / "out", "code": code, "group": group, "before": before}
+
+
+def test_run_succeeds(realworld):
+    assert realworld["code"] == 0 and realworld["group"] == 0
+    assert tree_state(realworld["bids"]) == realworld["before"]
+
+
+@pytest.mark.parametrize("sub", SUBJECTS)
+def test_outputs_and_report(realworld, sub):
+    import nibabel as nb
+
+    out = realworld["out"]
+    anat = out / f"sub-{sub}" / "anat"
+    for name in ("desc-preproc_T1w.nii.gz", "label-ICV_mask.nii.gz", "desc-brain_mask.nii.gz",
+                 "from-T1w_to-MNI152NLin6Asym_mode-image_xfm.mat", "from-MNI152NLin6Asym_to-T1w_mode-image_xfm.mat",
+                 "space-MNI152NLin6Asym_desc-preproc_T1w.nii.gz", "space-MNI152NLin6Asym_desc-cerebellum_T1w.nii.gz"):
+        assert (anat / f"sub-{sub}_{name}").is_file(), name
+    icv = json.loads((anat / f"sub-{sub}_label-ICV_mask.json").read_text())["VolumeML"]
+    brain = json.loads((anat / f"sub-{sub}_desc-brain_mask.json").read_text())["VolumeML"]
+    assert 900 < icv < 2300 and 0.55 < brain / icv < 1.0, (icv, brain)
+    ncc = json.loads((anat / f"sub-{sub}_space-MNI152NLin6Asym_desc-preproc_T1w.json").read_text())["RegistrationNCC"]
+    assert ncc > 0.5, ncc
+    t1 = nb.load(str(anat / f"sub-{sub}_desc-preproc_T1w.nii.gz"))
+    assert np.allclose(nb.affines.voxel_sizes(t1.affine), 1.0) and nb.aff2axcodes(t1.affine) == ("R", "A", "S")
+    crop = nb.load(str(anat / f"sub-{sub}_space-MNI152NLin6Asym_desc-cerebellum_T1w.nii.gz"))
+    assert crop.shape == (128, 88, 88)
+    assert len(list((out / f"sub-{sub}" / "figures").glob("*.svg"))) == 5
+    html = (out / f"sub-{sub}.html").read_text()
+    assert "figures/" in html and f"sub-{sub}" in html
+    record = json.loads((out / "logs" / f"sub-{sub}_record.json").read_text())
+    assert record["status"] == "success"
+    assert sum(r["seconds"] for r in record["runtimes"]) > 0
+
+
+def test_group_outputs(realworld):
+    out = realworld["out"]
+    rows = (out / "group.tsv").read_text().splitlines()
+    assert len(rows) == 1 + len(SUBJECTS)
+    assert (out / "group.html").is_file()
