@@ -127,6 +127,15 @@ def main() -> int:
     print(f"{'TOTAL core stages':<26} {total:7.1f} s   peak RSS {max(r[2] for r in rows):7.0f} MB")
     print(f"input {args.t1w.name}: {state['img'].shape} -> conformed {state['conf'].shape}, threads {args.threads}")
 
+    # baseline in the same run: ANTs' default NLM search radius (2) instead of ArborSeg's (1)
+    def s_baseline():
+        state["den2"] = denoise.denoise_nlm(state["conf"], mask=state["head"], patch_radius=1, search_radius=2)
+
+    stage("baseline: NLM r=2 (ANTs)", s_baseline)
+    diff = np.abs(np.asarray(state["den2"].dataobj) - np.asarray(state["den"].dataobj))[state["head"]]
+    rng = float(np.ptp(np.asarray(state["conf"].dataobj)[state["head"]]))
+    print(f"NLM r=1 vs r=2: mean |difference| {diff.mean():.3f} ({100 * diff.mean() / rng:.2f}% of the range)")
+
     if args.cli:
         bids_dir, label = args.cli
         with tempfile.TemporaryDirectory() as tmp:
