@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..bids import atomic_write_text
 from ..errors import EXIT_OK, DatasetError
+from ..reports.build import METRIC_LABELS
 
 LOGGER = logging.getLogger("arborseg")
 
@@ -73,7 +74,8 @@ def run_group(config) -> int:
         rel = f"figures/group_desc-{metric.replace('_', '')}_strip.svg"
         (output_dir / "figures").mkdir(parents=True, exist_ok=True)
         plot_group_strip(rows, metric, output_dir / rel, label_key="label", link_key="report")
-        figures.append({"path": rel, "caption": metric})
+        name, unit = METRIC_LABELS.get(metric, (metric, ""))
+        figures.append({"path": rel, "caption": f"{name} ({unit})" if unit else name})
     failed = [r for r in rows if r["status"] != "success"]
     context = {
         "version": config.version, "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

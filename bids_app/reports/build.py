@@ -122,7 +122,8 @@ METRIC_LABELS = {
     "icv_ml": ("Intracranial volume", "mL"),
     "brain_ml": ("Brain volume", "mL"),
     "brain_icv_ratio": ("Brain / intracranial volume", ""),
-    "registration_ncc": (f"Correlation with the template after registration", ""),
+    "registration_ncc": ("Correlation with the template after registration", ""),
+    "runtime_s": ("Run time", "s"),
 }
 
 
