@@ -7,12 +7,11 @@ any figures the workflow needs). Writes are atomic: a crash never leaves a half-
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_output
 from . import bias, conform, crop, denoise, images, intensity, masks, registration
 
 LOGGER = logging.getLogger(__name__)
@@ -22,17 +21,8 @@ def save_atomic(img, out_file: str | Path) -> str:
     """``nibabel.save`` through a temporary file in the destination folder and one rename."""
     import nibabel as nb
 
-    out_file = Path(out_file)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(out_file.suffixes) or ".nii.gz"
-    fd, tmp = tempfile.mkstemp(dir=out_file.parent, prefix=f".{out_file.name}.", suffix=suffix)
-    os.close(fd)
-    try:
-        nb.save(img, tmp)
-        os.replace(tmp, out_file)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(out_file) as tmp:
+        nb.save(img, str(tmp))
     return str(out_file)
 
 
@@ -80,11 +70,8 @@ def register_file(moving_file, fixed_file, *, forward_file, inverse_file, random
     """Affine registration; writes the forward and the inverse ITK transforms (``.mat``)."""
     tx = registration.register_affine(_load(moving_file), _load(fixed_file), random_seed=random_seed)
     for transform, path in ((tx, forward_file), (tx.invert(), inverse_file)):
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.", suffix=".mat")
-        os.close(fd)
-        registration.write_transform(transform, tmp)
-        os.replace(tmp, path)
+        with atomic_output(path) as tmp:
+            registration.write_transform(transform, tmp)
     return str(forward_file), str(inverse_file)
 
 
