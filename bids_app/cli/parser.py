@@ -54,6 +54,27 @@ def _existing_file(value: str) -> Path:
     return path.resolve()
 
 
+class _ListModels(argparse.Action):
+    """``--list-models``: print the installed model checkpoints and exit (like ``--version``)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings=option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from ..models.checkpoint import list_models
+
+        models = list_models()
+        if not models:
+            parser.exit(0, "no models installed (bids_app/data/models/ or $ARBORSEG_MODELS_DIR)\n")
+        columns = ("name", "architecture", "protocol", "channels", "parameters", "size_mb", "licence")
+        rows = [["+".join(map(str, v)) if isinstance(v := m.get(c, ""), list) else str(v) for c in columns]
+                for m in models]
+        widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+        lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]
+        parser.exit(0, "\n".join(lines) + "\n")
+
+
 def get_parser() -> argparse.ArgumentParser:
     """The parser of ``arborseg``; every option is documented in the README."""
     parser = argparse.ArgumentParser(
@@ -69,6 +90,8 @@ def get_parser() -> argparse.ArgumentParser:
                         help="'participant' processes subjects; 'group' gathers their results into group tables "
                              "and a group report")
     parser.add_argument("--version", action="version", version=f"ArborSeg {__version__}")
+    parser.add_argument("--list-models", action=_ListModels,
+                        help="list the installed segmentation models (weights + manifests) and exit")
 
     sel = parser.add_argument_group("selecting data")
     sel.add_argument("--participant-label", "--participant_label", nargs="+", metavar="LABEL", default=[],
