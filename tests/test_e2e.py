@@ -149,3 +149,30 @@ def test_reports_only_and_group(e2e, capsys):
     assert float(rows["sub-phantom01"]["icv_ml"]) > 0
     html = (out / "group.html").read_text()
     assert "sub-phantom01.html" in html and "sub-broken" in html
+
+
+def test_sessions_are_processed_and_named(tmp_path, phantom_templateflow):
+    import shutil
+
+    from bids_app.core.phantom import write_demo_dataset
+
+    src = write_demo_dataset(tmp_path / "src", n_subjects=1, voxel_size=3.0, seed=5)
+    bids = tmp_path / "bids"
+    (bids / "sub-01").mkdir(parents=True)
+    shutil.copy(src / "dataset_description.json", bids)
+    for ses in ("A", "B", "C"):
+        anat = bids / "sub-01" / f"ses-{ses}" / "anat"
+        anat.mkdir(parents=True)
+        shutil.copy(src / "sub-phantom01" / "anat" / "sub-phantom01_T1w.nii.gz", anat / f"sub-01_ses-{ses}_T1w.nii.gz")
+    out = tmp_path / "out"
+    code = main([str(bids), str(out), "participant", "--participant-label", "01", "--session-label", "A", "ses-B",
+                 "-w", str(tmp_path / "work"), "--template", "ArborSegPhantom", "--templateflow-home",
+                 str(phantom_templateflow), "--voxel-size", "3", "--no-denoise", "--nprocs", "2"])
+    assert code == 0
+    for ses in ("A", "B"):
+        assert (out / "sub-01" / f"ses-{ses}" / "anat" / f"sub-01_ses-{ses}_desc-preproc_T1w.nii.gz").is_file()
+        assert (out / f"sub-01_ses-{ses}.html").is_file()
+        assert (out / "sub-01" / "figures" / f"sub-01_ses-{ses}_desc-brain_mask.svg").is_file()
+    assert not (out / "sub-01" / "ses-C").exists()  # not selected
+    record = json.loads((out / "logs" / "sub-01_ses-A_record.json").read_text())
+    assert "denoise" not in {r["stage"] for r in record["runtimes"]}  # --no-denoise removes the stage

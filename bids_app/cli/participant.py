@@ -7,7 +7,6 @@ import os
 import shutil
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 from ..bids import AnatInputs, atomic_write_text, collect_anatomical, load_layout, write_dataset_description
@@ -270,6 +269,3 @@ def _summary(runs: dict[str, SubjectRun], seconds: float) -> int:
     LOGGER.info("%d succeeded, %d failed", len(runs) - len(failed), len(failed))
     return EXIT_PARTICIPANT_FAILED if failed else EXIT_OK
 
-
-def now_utc() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
