@@ -54,6 +54,15 @@ def dropouts_to_train(net: nn.Module, p: float | None = None) -> None:
 names = pytest.mark.parametrize("name", sorted(TINY))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny volumes gain nothing from threads, and OpenMP spinning is slow on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # --- shapes and sizes --------------------------------------------------------------------------
 
 
