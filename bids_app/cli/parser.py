@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from .._version import __version__
@@ -65,14 +66,16 @@ class _ListModels(argparse.Action):
 
         models = list_models()
         if not models:
-            parser.exit(0, "no models installed (bids_app/data/models/ or $ARBORSEG_MODELS_DIR)\n")
+            sys.stdout.write("no models installed (bids_app/data/models/ or $ARBORSEG_MODELS_DIR)\n")
+            parser.exit(0)
         columns = ("name", "architecture", "protocol", "channels", "parameters", "size_mb", "licence")
         rows = [["+".join(map(str, v)) if isinstance(v := m.get(c, ""), list) else str(v) for c in columns]
                 for m in models]
         widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
         lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]
-        parser.exit(0, "\n".join(lines) + "\n")
+        sys.stdout.write("\n".join(lines) + "\n")
+        parser.exit(0)
 
 
 def get_parser() -> argparse.ArgumentParser:

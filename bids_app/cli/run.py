@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     opts = get_parser().parse_args(argv)
     setup_logging(opts.verbose)
     os.environ.setdefault("NIPYPE_NO_ET", "1")
+    # bit-identical CPU results whatever the thread count: MKL reads this at its first call only
+    os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
     try:
         config, clean = build_config(opts, argv)
         if config.analysis_level == "participant":

@@ -41,10 +41,10 @@ import json
 import logging
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
+from bids_app.bids import atomic_write_bytes
 from bids_app.errors import EXIT_RESOURCE, ArborSegError
 
 log = logging.getLogger(__name__)
@@ -103,24 +103,6 @@ def _sniff_format(data: bytes) -> str:
     if len(data) >= 2 and data[0] == 0x80 and data[1] <= 5:
         return "a Python pickle"
     return "unknown"
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file in ``path``'s folder, fsync, then ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 # --------------------------------------------------------------------------- validation
@@ -318,8 +300,8 @@ def save_checkpoint(
     # the weights must fit the architecture built from the manifest, or loading would fail later
     _check_state_dict(_build(manifest, str(manifest_path)), tensors, str(weights_path))
 
-    _atomic_write(weights_path, blob)
-    _atomic_write(manifest_path, (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode("utf-8"))
+    atomic_write_bytes(weights_path, blob)
+    atomic_write_bytes(manifest_path, (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode("utf-8"))
     log.info("saved checkpoint %s (%s, %d parameters, %s, %.1f MB)",
              manifest_path, arch, n_params, dtype, len(blob) / 1e6)
     return manifest

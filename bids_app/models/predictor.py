@@ -21,8 +21,10 @@ returns ``(K, D, H, W)`` float32 probabilities:
 Determinism on the CPU (``deterministic=True``, the default)
 -----------------------------------------------------------
 In eval mode the same input gives bit-identical output whatever ``torch.set_num_threads``
-(measured on torch 2.13.0+cpu, MKL 2024.2, oneDNN 3.12, AVX-512, for 1..16 threads). Three things
-are needed, and nothing else was found to vary with the thread count:
+(measured on torch 2.13.0+cpu, MKL 2024.2, oneDNN 3.12, AVX-512: end to end for 1, 2 and 3
+threads, and operation by operation - convolutions, transposed convolutions, norms, pooling,
+interpolation, softmax, dropout - for 1..16 threads). Three things are needed, and nothing else
+was found to vary with the thread count:
 
 1. **MKL strict CNR mode.** ATen's native convolution path (used for small inputs, for 1x1x1
    kernels and whenever oneDNN is off) ends in MKL ``sgemm``, whose blocking depends on the
@@ -30,21 +32,23 @@ are needed, and nothing else was found to vary with the thread count:
    reproducible for any thread count. MKL reads it at its *first call* in the process, so this
    module sets it with ``os.environ.setdefault`` at import time: import this module (or set the
    variable in the environment) before any torch computation. :func:`cpu_determinism_status`
-   tells whether it is active; the predictor warns once if it is not. Cost: none measurable on
-   3x3x3 convolutions (oneDNN does not use MKL); MKL then uses its AVX2 rather than AVX-512 code
-   for strict mode, a few % on the native-path convolutions.
+   tells whether it is active; the predictor warns once if it is not. It only affects MKL
+   (oneDNN's 3x3x3 convolutions do not use it).
 2. **The same convolution algorithm whatever the thread count.** ATen sends a 1x1(x1)
    convolution to oneDNN when more than one thread is available and to its native (MKL) path
    with one thread; the two round differently. The predictor therefore runs every
    convolution whose kernel ends in 1x1 on the native path (a ``TorchFunctionMode`` that turns
    oneDNN off around that single call). 3x3x3 and transposed convolutions keep oneDNN, which
-   gave identical results for 1..16 threads. Cost: 1x1x1 convolutions are a small share of
-   the work; the benchmark measures the whole-network difference (``benchmarks/bench_models.py``).
-   Turning oneDNN off entirely would also be deterministic but costs 3-10x time and ~3.5x memory
-   (im2col buffers) for 3D U-Nets, so it is not done.
+   gave identical results for 1..16 threads. Turning oneDNN off entirely would also be
+   deterministic but costs 3-10x time and ~3.5x memory (im2col buffers) for 3D U-Nets.
 3. **Fixed reduction order in our own code.** Window blending is element-wise in a fixed
    window order (float64 accumulators); nothing here reduces a whole tensor with a parallel
    ``sum``/``mean`` (those do vary with the thread count).
+
+Measured cost (2 cores of a shared machine): item 2 on the Zopes U-Net (96x112x96, best of 3,
+one process) 6.01 s vs 5.92 s (+1.5 %); items 1 + 2 on 160x192x160
+(``benchmarks/bench_models.py --determinism-cost``, separate processes) within the run-to-run
+noise (+-20 %). Without them the outputs differ between 1 and 2 threads by up to ~6e-8.
 
 ``torch.use_deterministic_algorithms(True)`` changes nothing for these CPU kernels and is not
 set (it is a process-wide switch). On CUDA, ``deterministic=True`` selects deterministic cuDNN
