@@ -18,7 +18,8 @@ and for each case the modes
   column says which), ``deterministic=True``;
 * ``mc``: ``mc_dropout`` with ``--mc-samples`` samples and prefix caching;
 * ``mc-nocache``: the same without prefix caching (full forward per sample); the table gives the
-  saving ``1 - t(mc) / t(mc-nocache)``;
+  measured saving ``1 - t(mc) / t(mc-nocache)`` and, from the cached run's own prefix and suffix
+  times (less sensitive to machine load), the expected saving ``(N - 1) p / (N (p + s))``;
 * with ``--determinism-cost``, ``plain-fast``: ``deterministic=False`` in a process with MKL's
   strict CNR mode off (``MKL_CBWR=AUTO``), i.e. what the thread-count determinism costs.
 
@@ -239,7 +240,12 @@ def main(argv: list[str] | None = None) -> int:
             ref = by_key.get((r["arch"], r["case"], "mc-nocache"))
             if ref and "seconds" in ref:
                 note = f"prefix cache saves {100 * (1 - r['seconds'] / ref['seconds']):.1f}% vs {ref['seconds']:.1f} s"
-            note += f" (prefix {r['prefix_s']:.1f} s, suffix {r['suffix_s']:.1f} s)"
+            n = r["mc_samples"]
+            p_s, s_s = r["prefix_s"], r["suffix_s"] / n  # one prefix, one suffix
+            if p_s + s_s > 0:
+                share = p_s / (p_s + s_s)
+                note += (f"; prefix {p_s:.1f} s = {100 * share:.0f}% of a forward -> expected saving "
+                         f"{100 * (n - 1) * share / n:.0f}% at N={n}, {100 * 14 * share / 15:.0f}% at N=15")
         elif r["mode"] == "plain-fast":
             ref = by_key.get((r["arch"], r["case"], "plain"))
             if ref and "seconds" in ref:
