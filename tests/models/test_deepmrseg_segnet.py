@@ -37,6 +37,15 @@ SMALL_SEGNET = dict(
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny inputs gain nothing from threads; OpenMP spinning is slow on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _dropouts(module: nn.Module) -> list[nn.Module]:
     return [m for m in module.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
 
@@ -153,6 +162,14 @@ def test_deepmrseg_dropout_varies_in_train_mode():
     assert not torch.allclose(s1, s2)
     assert not torch.allclose(f1, f2)
     assert len(net.dropout_modules()) == 2 * TINY_DMR["depth"]
+
+
+def test_deepmrseg_gradients_reach_every_parameter():
+    torch.manual_seed(0)
+    net = DeepMRSeg(**TINY_DMR).train()
+    loss = net(torch.randn(2, 1, 16, 16, 16)).logsumexp(dim=1).mean()
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
 
 
 # ----------------------------------------------------------------------------- SegNet patches
@@ -304,6 +321,14 @@ def test_segnet_paper_parameter_count():
     assert net.n_parameters() == 30_563_475
     # the paper's 30,565,555 counts each shared first layer (520 parameters) once per orientation
     assert net.n_parameters() + 2 * 2 * 520 == 30_565_555
+
+
+def test_segnet_gradients_reach_every_parameter():
+    torch.manual_seed(0)
+    net = SegNet(**SMALL_SEGNET).train()
+    labels = torch.randint(0, 5, (16,))
+    nn.functional.cross_entropy(net(_inputs(net, 16)), labels).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
 
 
 def test_segnet_rebuild_from_config():
