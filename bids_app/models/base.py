@@ -38,6 +38,15 @@ class SegmentationNet(nn.Module):
         """Default: nothing is shared between MC samples."""
         return (lambda x: x), self.forward
 
+    def check_input(self, x: torch.Tensor) -> None:
+        """Refuse a tensor that is not ``(N, in_channels, D, H, W)`` with sizes divisible by ``size_divisor``."""
+        channels = self.config.get("in_channels")
+        if x.dim() != 5 or (channels is not None and x.shape[1] != channels):
+            raise ValueError(f"expected input (N, {channels}, D, H, W), got {tuple(x.shape)}")
+        if any(s % self.size_divisor for s in x.shape[2:]):
+            raise ValueError(f"spatial size {tuple(x.shape[2:])} is not a multiple of {self.size_divisor}; "
+                             f"pad the volume first")
+
     def n_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

@@ -120,7 +120,7 @@ class Cerebrum(SegmentationNet):
         return cls(in_channels=in_channels, n_classes=n_classes, base_filters=PAPER_BASE_FILTERS, **kwargs)
 
     def _prefix(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        _check_input(x, self.in_channels, self.size_divisor)
+        self.check_input(x)
         skip1 = self.enc1(x)
         skip2 = self.enc2(self.down1(skip1))
         deep = self.bottleneck_in(self.down2(skip2))
@@ -139,12 +139,3 @@ class Cerebrum(SegmentationNet):
     def split_for_mc(self) -> tuple[Callable[[torch.Tensor], Any], Callable[[Any], torch.Tensor]]:
         """Prefix: the encoder up to the first bottleneck convolution -> ``(skip1, skip2, deep)``."""
         return self._prefix, self._suffix
-
-
-def _check_input(x: torch.Tensor, in_channels: int, divisor: int) -> None:
-    if x.dim() != 5 or x.shape[1] != in_channels:
-        raise ValueError(f"expected input (N, {in_channels}, D, H, W), got {tuple(x.shape)}")
-    if any(s % divisor for s in x.shape[2:]):
-        raise ValueError(
-            f"spatial size {tuple(x.shape[2:])} is not a multiple of {divisor}; pad the volume first"
-        )

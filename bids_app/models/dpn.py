@@ -99,7 +99,7 @@ class DPN(SegmentationNet):
         log.debug("DPN(%s): %d parameters", self.config, self.n_parameters())
 
     def _prefix(self, x: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-        _check_input(x, self.in_channels, self.size_divisor)
+        self.check_input(x)
         pyramid = [x]
         for _ in range(self.levels - 1):
             pyramid.append(F.avg_pool3d(pyramid[-1], kernel_size=2))
@@ -122,12 +122,3 @@ class DPN(SegmentationNet):
     def split_for_mc(self) -> tuple[Callable[[torch.Tensor], Any], Callable[[Any], torch.Tensor]]:
         """Prefix: the input pyramid and the coarsest block before its dropout."""
         return self._prefix, self._suffix
-
-
-def _check_input(x: torch.Tensor, in_channels: int, divisor: int) -> None:
-    if x.dim() != 5 or x.shape[1] != in_channels:
-        raise ValueError(f"expected input (N, {in_channels}, D, H, W), got {tuple(x.shape)}")
-    if any(s % divisor for s in x.shape[2:]):
-        raise ValueError(
-            f"spatial size {tuple(x.shape[2:])} is not a multiple of {divisor}; pad the volume first"
-        )

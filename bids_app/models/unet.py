@@ -113,7 +113,7 @@ class UNet3D(SegmentationNet):
         return cls(in_channels=in_channels, n_classes=n_classes, **kwargs)
 
     def _prefix(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input(x, self.in_channels, self.size_divisor)
+        self.check_input(x)
         return self.encoders[0](x)
 
     def _suffix(self, first: torch.Tensor) -> torch.Tensor:
@@ -136,12 +136,3 @@ class UNet3D(SegmentationNet):
     def split_for_mc(self) -> tuple[Callable[[torch.Tensor], Any], Callable[[Any], torch.Tensor]]:
         """Prefix: the first encoder block, before its dropout (a tensor ``(N, F, D, H, W)``)."""
         return self._prefix, self._suffix
-
-
-def _check_input(x: torch.Tensor, in_channels: int, divisor: int) -> None:
-    if x.dim() != 5 or x.shape[1] != in_channels:
-        raise ValueError(f"expected input (N, {in_channels}, D, H, W), got {tuple(x.shape)}")
-    if any(s % divisor for s in x.shape[2:]):
-        raise ValueError(
-            f"spatial size {tuple(x.shape[2:])} is not a multiple of {divisor}; pad the volume first"
-        )
