@@ -15,7 +15,9 @@ LOGGER = logging.getLogger(__name__)
 def register_affine(moving, fixed, *, fixed_mask=None, random_seed: int = 42, metric: str = "mattes"):
     """Affine (12 dof) registration of ``moving`` to ``fixed``; both nibabel images.
 
-    Multi-resolution (shrink 6/4/2/1), initialised by aligning the centres of mass. Returns the
+    Staged for robustness (ANTs "TRSAA": translation, rigid, similarity, then two affine stages,
+    each multi-resolution), initialised by aligning the centres of mass. The staging matters for
+    thick-slice clinical scans, where a direct affine search can stop in a poor optimum. Returns the
     forward transform (moving -> fixed point mapping as ANTs applies it) as an ``ANTsTransform``.
     """
     import ants
@@ -31,7 +33,7 @@ def register_affine(moving, fixed, *, fixed_mask=None, random_seed: int = 42, me
         config._random_seed = int(random_seed)
     try:
         result = ants.registration(
-            fixed=to_ants(fixed), moving=to_ants(moving), type_of_transform="Affine", aff_metric=metric,
+            fixed=to_ants(fixed), moving=to_ants(moving), type_of_transform="TRSAA", aff_metric=metric,
             mask=amask, random_seed=int(random_seed), verbose=False,
         )
     finally:
