@@ -104,6 +104,13 @@ def _check_odd(name: str, value: int) -> None:
         raise ValueError(f"{name} must be a positive odd number (patches are centred on a voxel), got {value}")
 
 
+def _check_patch_sizes(patch_3d: int, patch_2d: int, compressed_size: int, compressed_scale: int) -> None:
+    """Every patch size and the compression factor must be odd (centred on the voxel)."""
+    for name, value in (("patch_3d", patch_3d), ("patch_2d", patch_2d), ("compressed_size", compressed_size),
+                        ("compressed_scale", compressed_scale)):
+        _check_odd(name, value)
+
+
 def _as_channels(volume: torch.Tensor) -> torch.Tensor:
     if volume.dim() == 3:
         return volume.unsqueeze(0)
@@ -154,13 +161,7 @@ class PatchExtractor:
         compressed_size: int = 29,
         compressed_scale: int = 3,
     ):
-        for name, value in (
-            ("patch_3d", patch_3d),
-            ("patch_2d", patch_2d),
-            ("compressed_size", compressed_size),
-            ("compressed_scale", compressed_scale),
-        ):
-            _check_odd(name, value)
+        _check_patch_sizes(patch_3d, patch_2d, compressed_size, compressed_scale)
         vol = _as_channels(volume).float()
         self.shape = tuple(vol.shape[1:])
         self.n_channels = vol.shape[0]
@@ -533,13 +534,7 @@ class SegNet(SegmentationNet):
             centroid_blank=centroid_blank,
             distance_scale=distance_scale,
         )
-        for name, value in (
-            ("patch_3d", patch_3d),
-            ("patch_2d", patch_2d),
-            ("compressed_size", compressed_size),
-            ("compressed_scale", compressed_scale),
-        ):
-            _check_odd(name, value)
+        _check_patch_sizes(patch_3d, patch_2d, compressed_size, compressed_scale)
         if not 0 <= n_centroids <= n_classes - 1:
             raise ValueError(f"n_centroids must be in [0, n_classes - 1], got {n_centroids}")
         if not 0.0 <= dropout < 1.0:
