@@ -145,6 +145,13 @@ def main(lut_path: str) -> None:
            (2000, "|".join(str(2000 + i) for i in DKT31), "ctx-rh-unknown -> nearest right DKT region"),
            (3, "|".join(str(1000 + i) for i in DKT31), "unparcellated left cortex -> nearest left DKT region"),
            (42, "|".join(str(2000 + i) for i in DKT31), "unparcellated right cortex -> nearest right DKT region")]
+    for hemi in (1000, 2000):
+        side = "left" if hemi == 1000 else "right"
+        mb += [(hemi + 1, str(hemi + 30), f"{side} banks of STS (DK) -> superior temporal (DKT)"),
+               (hemi + 4, "2" if hemi == 1000 else "41", f"{side} corpus callosum cortex label -> cerebral WM"),
+               (hemi + 32, str(hemi + 28), f"{side} frontal pole (DK) -> superior frontal (DKT)"),
+               (hemi + 33, "|".join(str(hemi + i) for i in (6, 9, 15, 16, 30)),
+                f"{side} temporal pole (DK) -> nearest of entorhinal, inferior/middle/superior temporal, parahippocampal")]
     mb += extras
     write_mapping("aparcNMMjt+aseg", "dkt-aseg", sorted(mb))
     # FreeSurfer aseg / SynthSeg label maps -> aseg

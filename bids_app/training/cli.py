@@ -1,0 +1,106 @@
+"""``arborseg-train``: pack training data, train (one model or a cross-validation fold), export.
+
+    arborseg-train prepare OUT --oasis DIR [--mindboggle DIR] [--synthseg DIR] [--protocol dkt-aseg]
+    arborseg-train fit CONFIG.toml --data DIR --run RUN_DIR [--fold K] [--device cpu] [--threads N]
+                                   [--iterations N] [--stop-after N] [--no-resume]
+    arborseg-train folds CONFIG.toml --data DIR      # prints the test subjects of every fold
+    arborseg-train export RUN_DIR/final STEM [--metrics METRICS.json] [--dtype float16] [--name NAME]
+
+Runs resume from their last checkpoint when started again with the same ``--run`` folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from bids_app.errors import EXIT_USAGE, ArborSegError
+
+log = logging.getLogger("arborseg.train")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="arborseg-train", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="pack labelled images and label maps into compact arrays")
+    p.add_argument("out", type=Path)
+    p.add_argument("--oasis", type=Path, help="folder of OASIS-TRT-20 subjects (sub-XX/...)")
+    p.add_argument("--mindboggle", type=Path, help="folder of Mindboggle-101 aparcNMMjt+aseg label maps")
+    p.add_argument("--synthseg", type=Path, help="folder of SynthSeg training label maps (aseg protocol only)")
+    p.add_argument("--protocol", default="dkt-aseg")
+    p.add_argument("--voxel-size", type=int, default=2, help="integer block factor from 1 mm (default 2)")
+
+    f = sub.add_parser("fit", help="train one network")
+    f.add_argument("config", type=Path)
+    f.add_argument("--data", type=Path, required=True, help="folder holding the packed folders of the config")
+    f.add_argument("--run", type=Path, required=True, help="run folder (checkpoints, log, final model)")
+    f.add_argument("--fold", type=int, help="leave out the test subjects of this cross-validation fold")
+    f.add_argument("--device", default="cpu")
+    f.add_argument("--threads", type=int)
+    f.add_argument("--iterations", type=int, help="override the configured number of iterations")
+    f.add_argument("--stop-after", type=int, help="checkpoint and stop after this many iterations")
+    f.add_argument("--no-resume", action="store_true")
+
+    k = sub.add_parser("folds", help="print the cross-validation folds")
+    k.add_argument("config", type=Path)
+    k.add_argument("--data", type=Path, required=True)
+
+    e = sub.add_parser("export", help="write a run's final model as an installable checkpoint")
+    e.add_argument("final", type=Path)
+    e.add_argument("stem", type=Path)
+    e.add_argument("--metrics", type=Path, help="JSON object merged into the manifest's metrics")
+    e.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    e.add_argument("--name")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        if args.command == "prepare":
+            from .prepare import prepare
+
+            index = prepare(args.out, oasis=args.oasis, mindboggle=args.mindboggle, synthseg=args.synthseg,
+                            protocol=args.protocol, factor=args.voxel_size)
+            print(f"{len(index['cases'])} cases written to {args.out}")
+        elif args.command == "fit":
+            from .trainer import TrainConfig, fit
+
+            cfg = TrainConfig.from_toml(args.config, iterations=args.iterations)
+            out = fit(cfg, args.data, args.run, fold=args.fold, device=args.device, num_threads=args.threads,
+                      resume=not args.no_resume, stop_after=args.stop_after)
+            print(out)
+        elif args.command == "folds":
+            from .trainer import TrainConfig, fold_split, load_cases
+
+            cfg = TrainConfig.from_toml(args.config)
+            for i, subjects in enumerate(fold_split(load_cases(args.data, cfg.folders, cfg.protocol),
+                                                    cfg.cv_folds, cfg.cv_seed)):
+                print(f"fold {i}: {' '.join(subjects)}")
+        elif args.command == "export":
+            from bids_app.models.checkpoint import load_checkpoint, save_checkpoint
+
+            model, manifest = load_checkpoint(args.final)
+            fields = {k: v for k, v in manifest.items()
+                      if k not in ("sha256", "format_version", "weights_dtype", "n_parameters")}
+            if args.metrics:
+                fields["metrics"] = {**fields.get("metrics", {}), **json.loads(args.metrics.read_text())}
+            fields["name"] = args.name or args.stem.name
+            save_checkpoint(model, args.stem, fields, dtype=args.dtype)
+            print(f"{args.stem}.safetensors")
+    except (ArborSegError, FileNotFoundError, ValueError) as exc:
+        print(f"arborseg-train: error: {exc}", file=sys.stderr)
+        return getattr(exc, "exit_code", EXIT_USAGE)
+    except KeyboardInterrupt:
+        print("arborseg-train: interrupted (the run resumes from its last checkpoint)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

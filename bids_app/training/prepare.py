@@ -1,0 +1,185 @@
+"""Pack training data: real labelled images and label maps, resampled once into compact arrays.
+
+Every case is written as one ``<case>.npz`` in the chosen folder (never inside the package):
+
+* real cases (OASIS-TRT-20): ``img1`` (float16, 1 mm RAS, p99-normalised inside the brain),
+  ``lab1`` (int16 label values of the target protocol, 1 mm, the evaluation reference),
+  ``img2``/``cls2`` (the same on the 2 mm model grid: 2x2x2 block mean / block majority of class
+  positions) and the two affines;
+* label-map cases (Mindboggle-101, SynthSeg): ``gen2`` (uint8 generation classes: the distinct
+  source labels, for domain-randomised synthesis) and ``cls2`` (target class positions), 2 mm.
+
+``index.json`` lists the cases with their subject, source and protocol. Cases from the same person
+(the Mindboggle copy of an OASIS-TRT-20 subject) carry the same ``subject`` so that no fold has a
+subject in both its training and its test set.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+from bids_app.atomic import atomic_output
+from bids_app.core.intensity import normalise_intensity
+from bids_app.core.labels import Protocol, load_mapping, load_protocol, map_labels
+
+log = logging.getLogger(__name__)
+
+
+def block_mean(data: np.ndarray, factor: int) -> np.ndarray:
+    """Mean over ``factor``-cubed blocks (the array is zero-padded to a multiple of ``factor``)."""
+    data = pad_to_multiple(np.asarray(data, dtype=np.float32), factor)
+    x, y, z = (s // factor for s in data.shape)
+    return data.reshape(x, factor, y, factor, z, factor).mean(axis=(1, 3, 5))
+
+
+def block_mode(classes: np.ndarray, factor: int) -> np.ndarray:
+    """Most frequent value of every ``factor``-cubed block (ties: the smallest value)."""
+    classes = pad_to_multiple(np.asarray(classes), factor)
+    x, y, z = (s // factor for s in classes.shape)
+    blocks = classes.reshape(x, factor, y, factor, z, factor).transpose(0, 2, 4, 1, 3, 5).reshape(-1, factor**3)
+    blocks = np.sort(blocks, axis=1)
+    counts = (blocks[:, :, None] == blocks[:, None, :]).sum(axis=2)
+    best = np.argmax(counts, axis=1)
+    return blocks[np.arange(blocks.shape[0]), best].reshape(x, y, z)
+
+
+def pad_to_multiple(data: np.ndarray, factor: int) -> np.ndarray:
+    pad = [(0, (-s) % factor) for s in data.shape]
+    return np.pad(data, pad) if any(p[1] for p in pad) else data
+
+
+def block_affine(affine: np.ndarray, factor: int) -> np.ndarray:
+    """Affine of the block grid: block ``i`` is centred on fine voxel ``factor * i + (factor - 1) / 2``."""
+    scale = np.diag([factor, factor, factor, 1.0])
+    scale[:3, 3] = (factor - 1) / 2.0
+    return affine @ scale
+
+
+def _canonical(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    img = nib.as_closest_canonical(nib.Nifti1Image(data, affine))
+    return np.asarray(img.dataobj), img.affine
+
+
+def _resample_nearest(data: np.ndarray, affine: np.ndarray, target_affine: np.ndarray, shape) -> np.ndarray:
+    vox = np.linalg.inv(affine) @ target_affine
+    return ndimage.affine_transform(data, vox[:3, :3], vox[:3, 3], output_shape=tuple(shape), order=0)
+
+
+def _crop_box(mask: np.ndarray, margin: int, factor: int) -> tuple[slice, ...]:
+    idx = np.argwhere(mask)
+    lo = np.maximum(idx.min(0) - margin, 0)
+    hi = np.minimum(idx.max(0) + 1 + margin, mask.shape)
+    # an extent that is a multiple of the block factor
+    hi = np.minimum(lo + ((hi - lo + factor - 1) // factor) * factor, mask.shape)
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+
+
+def _shift_affine(affine: np.ndarray, box: tuple[slice, ...]) -> np.ndarray:
+    out = affine.copy()
+    out[:3, 3] = affine[:3, :3] @ np.array([s.start for s in box]) + affine[:3, 3]
+    return out
+
+
+def prepare_oasis_case(t1w_path: Path, labels_path: Path, protocol: Protocol, source: str = "aparcNMMjt+aseg",
+                       factor: int = 2, margin: int = 4) -> dict:
+    """One real case: arrays of :mod:`this module's <bids_app.training.prepare>` real layout."""
+    t1 = nib.load(str(t1w_path))
+    lab = nib.load(str(labels_path))
+    data = np.asarray(t1.dataobj, dtype=np.float32)
+    labels = _resample_nearest(np.asarray(lab.dataobj).astype(np.int32), lab.affine, t1.affine, t1.shape)
+    labels = map_labels(labels, load_mapping(source, protocol.name), unknown="zero")
+    data, affine = _canonical(data, t1.affine)
+    labels, _ = _canonical(labels, t1.affine)
+    mask = data > 0
+    box = _crop_box(mask | (labels > 0), margin, factor)
+    data, labels, mask = data[box], labels[box], mask[box]
+    affine = _shift_affine(affine, box)
+    img1 = normalise_intensity(data, mask)
+    classes = protocol.to_classes(labels)
+    return {
+        "img1": img1.astype(np.float16), "lab1": labels.astype(np.int16), "affine1": affine,
+        "img2": block_mean(img1, factor).astype(np.float16), "cls2": block_mode(classes, factor).astype(np.uint8),
+        "affine2": block_affine(affine, factor),
+    }
+
+
+def prepare_labelmap_case(path: Path, protocol: Protocol, source: str, factor: int = 2, margin: int = 4) -> dict:
+    """One label-map case: generation classes + target class positions on the block grid."""
+    img = nib.load(str(path))
+    raw = np.asarray(img.dataobj).astype(np.int32)
+    raw, affine = _canonical(raw, img.affine)
+    box = _crop_box(raw > 0, margin, factor)
+    raw = raw[box]
+    affine = _shift_affine(affine, box)
+    target = map_labels(raw, load_mapping(source, protocol.name), unknown="zero")
+    values, gen = np.unique(raw, return_inverse=True)
+    gen = gen.reshape(raw.shape)
+    if values.size > 255:
+        raise ValueError(f"{path}: more than 255 distinct labels")
+    return {
+        "gen2": block_mode(gen.astype(np.uint8), factor).astype(np.uint8),
+        "cls2": block_mode(protocol.to_classes(target), factor).astype(np.uint8),
+        "gen_values": values.astype(np.int32), "affine2": block_affine(affine, factor),
+    }
+
+
+def _save_npz(path: Path, arrays: dict) -> None:
+    with atomic_output(path) as tmp:
+        with open(tmp, "wb") as handle:
+            np.savez_compressed(handle, **arrays)
+
+
+def prepare(out_dir: Path, *, oasis: Path | None = None, mindboggle: Path | None = None,
+            synthseg: Path | None = None, protocol: str = "dkt-aseg", factor: int = 2) -> dict:
+    """Pack every source given into ``out_dir``; returns the index written to ``index.json``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    proto = load_protocol(protocol)
+    index = {"protocol": protocol, "voxel_size_mm": float(factor), "cases": []}
+    if oasis is not None:
+        subjects = sorted(p for p in Path(oasis).glob("sub-*") if p.is_dir())
+        for i, sub in enumerate(subjects, 1):
+            label = sub.name
+            t1w = sub / f"{label}_desc-brain_T1w.nii.gz"
+            labels = sub / f"{label}_desc-aparcNMMjt+aseg_dseg.mgz"
+            log.info("[%d/%d] OASIS-TRT-20 %s", i, len(subjects), label)
+            _save_npz(out_dir / f"oasis-{label}.npz", prepare_oasis_case(t1w, labels, proto, factor=factor))
+            index["cases"].append({"case": f"oasis-{label}", "subject": f"OASIS-TRT-20-{int(label[4:])}",
+                                   "kind": "real", "source": "OASIS-TRT-20", "licence": "CC BY-NC-SA 3.0"})
+    if mindboggle is not None:
+        maps = sorted(Path(mindboggle).glob("*_aparcNMMjt+aseg.mgz"))
+        for i, path in enumerate(maps, 1):
+            name = path.name.replace("_aparcNMMjt+aseg.mgz", "")
+            log.info("[%d/%d] Mindboggle-101 %s", i, len(maps), name)
+            _save_npz(out_dir / f"mb-{name}.npz", prepare_labelmap_case(path, proto, "aparcNMMjt+aseg", factor))
+            index["cases"].append({"case": f"mb-{name}", "subject": name, "kind": "labelmap",
+                                   "source": "Mindboggle-101", "licence": "CC BY-NC-SA 3.0"})
+    if synthseg is not None:
+        if protocol != "aseg":
+            log.warning("SynthSeg label maps have no cortical parcels; skipped for protocol %s", protocol)
+        else:
+            maps = sorted(Path(synthseg).glob("training_seg_*.nii.gz"))
+            for i, path in enumerate(maps, 1):
+                name = re.sub(r"\.nii\.gz$", "", path.name)
+                log.info("[%d/%d] SynthSeg %s", i, len(maps), name)
+                _save_npz(out_dir / f"ss-{name}.npz", prepare_labelmap_case(path, proto, "synthseg", factor))
+                index["cases"].append({"case": f"ss-{name}", "subject": f"synthseg-{name}", "kind": "labelmap",
+                                       "source": "SynthSeg training label maps", "licence": "Apache-2.0"})
+    with atomic_output(out_dir / "index.json") as tmp:
+        Path(tmp).write_text(json.dumps(index, indent=1) + "\n")
+    return index
+
+
+def kfold_subjects(subjects: list[str], k: int, seed: int) -> list[list[str]]:
+    """Split sorted subject names into ``k`` folds of near-equal size (seeded shuffle)."""
+    rng = np.random.default_rng(seed)
+    order = sorted(set(subjects))
+    rng.shuffle(order)
+    return [sorted(order[i::k]) for i in range(k)]

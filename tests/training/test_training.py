@@ -1,0 +1,216 @@
+"""Training code: packing geometry, augmentation, losses, a resumable seeded run, export."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from bids_app.core.labels import load_protocol
+from bids_app.models.checkpoint import load_checkpoint
+from bids_app.training import augment
+from bids_app.training.cli import main as train_main
+from bids_app.training.losses import SegmentationLoss, dice_loss, hard_dice
+from bids_app.training.prepare import block_affine, block_mean, block_mode, kfold_subjects
+from bids_app.training.trainer import TrainConfig, fit, learning_rate
+
+
+def test_block_mean_mode_and_affine():
+    data = np.arange(4 * 4 * 2, dtype=np.float32).reshape(4, 4, 2)
+    mean = block_mean(data, 2)
+    assert mean.shape == (2, 2, 1)
+    assert mean[0, 0, 0] == pytest.approx(data[:2, :2, :2].mean())
+    classes = np.zeros((2, 2, 2), dtype=np.uint8)
+    classes[0, 0, :] = 5  # two voxels of 5, six of 0
+    classes[1, 1, 1] = 3
+    assert block_mode(classes, 2)[0, 0, 0] == 0
+    classes[:, :, 0] = 7  # four 7s beat the rest
+    assert block_mode(classes, 2)[0, 0, 0] == 7
+    odd = block_mean(np.ones((3, 3, 3), np.float32), 2)  # zero padded to 4
+    assert odd.shape == (2, 2, 2) and odd[1, 1, 1] == pytest.approx(1 / 8)
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    affine[:3, 3] = [-10, -20, -30]
+    coarse = block_affine(affine, 2)
+    # block (1, 0, 0) is centred between fine voxels 2 and 3
+    assert np.allclose(coarse @ [1, 0, 0, 1], affine @ [2.5, 0.5, 0.5, 1])
+
+
+def test_kfold_subjects_partition():
+    subjects = [f"s{i}" for i in range(15)]
+    folds = kfold_subjects(subjects, 3, seed=0)
+    assert sorted(sum(folds, [])) == sorted(subjects)
+    assert all(len(f) == 5 for f in folds)
+    assert folds == kfold_subjects(list(reversed(subjects)), 3, seed=0)
+
+
+def _blob_case(shape=(20, 20, 20), seed=0):
+    rng = np.random.default_rng(seed)
+    classes = np.zeros(shape, np.uint8)
+    classes[4:16, 4:10, 4:16] = 1
+    classes[4:16, 10:16, 4:16] = 2
+    image = np.where(classes == 1, 0.5, np.where(classes == 2, 1.0, 0.0)).astype(np.float32)
+    image += rng.normal(0, 0.02, shape).astype(np.float32) * (classes > 0)
+    return classes, image
+
+
+def test_make_sample_shapes_normalisation_and_flip_swap():
+    classes, image = _blob_case()
+    case = {"classes": torch.from_numpy(classes), "image": torch.from_numpy(image)[None]}
+    cfg = augment.AugmentConfig(crop=(16, 16, 16))
+    gen = torch.Generator().manual_seed(0)
+    x, y = augment.make_sample(case, cfg, gen, torch.tensor([0, 2, 1]))
+    assert x.shape == (1, 16, 16, 16) and y.shape == (16, 16, 16)
+    assert float(x.max()) <= 2.0 and float(x.min()) >= 0.0
+    inside = x[x > 1e-3]
+    assert torch.quantile(inside, 0.99) == pytest.approx(1.0, abs=0.05)
+    # a pure flip (no other transform) mirrors the image and swaps the classes
+    only_flip = augment.AugmentConfig.none(crop=(20, 20, 20))
+    only_flip = augment.AugmentConfig(**{**only_flip.__dict__, "flip": True})
+    seen = set()
+    for seed in range(8):
+        gen = torch.Generator().manual_seed(seed)
+        x, y = augment.make_sample(case, only_flip, gen, torch.tensor([0, 2, 1]))
+        flipped = bool((y.numpy() != classes).any())
+        seen.add(flipped)
+        expected = classes[::-1] if flipped else classes
+        if flipped:
+            expected = np.array([0, 2, 1])[expected]
+        assert np.array_equal(y.numpy(), expected)
+    assert seen == {True, False}
+
+
+def test_synthesis_keeps_background_zero_and_labels_differ():
+    gen_labels = torch.zeros((12, 12, 12), dtype=torch.uint8)
+    gen_labels[2:10, 2:6, 2:10] = 1
+    gen_labels[2:10, 6:10, 2:10] = 2
+    cfg = augment.AugmentConfig()
+    img = augment.synthesize(gen_labels, 3, cfg, torch.Generator().manual_seed(3))
+    assert img.shape == (1, 12, 12, 12)
+    assert float(img[0][gen_labels == 0].abs().max()) == 0.0
+    assert abs(float(img[0, 4, 3, 5]) - float(img[0, 4, 8, 5])) > 1e-3
+
+
+def test_losses_perfect_and_wrong_predictions():
+    target = torch.zeros((1, 4, 4, 4), dtype=torch.long)
+    target[0, :2] = 1
+    perfect = torch.nn.functional.one_hot(target, 2).movedim(-1, 1).float() * 50
+    assert float(dice_loss(perfect, target)) == pytest.approx(0.0, abs=1e-4)
+    wrong = perfect.flip(1)
+    assert float(dice_loss(wrong, target)) == pytest.approx(1.0, abs=1e-3)
+    assert float(dice_loss(wrong, target, log=True)) > 5
+    assert float(SegmentationLoss()(perfect, target)) < 1e-3
+    d = hard_dice(target[0], target[0], 3)
+    assert d[0] == 1 and d[1] == 1 and torch.isnan(d[2])
+
+
+def test_learning_rate_schedules():
+    cfg = TrainConfig(name="x", architecture="unet", model={}, lr=1.0, warmup=10, iterations=110)
+    assert learning_rate(cfg, 0) == pytest.approx(0.1)
+    assert learning_rate(cfg, 10) == pytest.approx(1.0)
+    assert learning_rate(cfg, 109) < 0.05
+    cfg.schedule = "cosine"
+    assert learning_rate(cfg, 60) == pytest.approx(0.5)
+
+
+def _pack(folder, n=4):
+    """A tiny packed dataset in the layout of ``arborseg-train prepare`` (protocol cerebrum7)."""
+    folder.mkdir(parents=True)
+    cases = []
+    for i in range(n):
+        classes, image = _blob_case((16, 16, 16), seed=i)
+        if i < n - 1:
+            np.savez(folder / f"c{i}.npz", cls2=classes, img2=image.astype(np.float16))
+            cases.append({"case": f"c{i}", "subject": f"s{i}", "kind": "real", "source": "blobs", "licence": "none"})
+        else:
+            np.savez(folder / f"c{i}.npz", cls2=classes, gen2=classes, gen_values=np.arange(3))
+            cases.append({"case": f"c{i}", "subject": f"s{i}", "kind": "labelmap", "source": "blobs",
+                          "licence": "none"})
+    (folder / "index.json").write_text(json.dumps({"protocol": "cerebrum7", "voxel_size_mm": 2.0, "cases": cases}))
+
+
+def _config(tmp_path, iterations=4):
+    text = f"""
+name = "tiny"
+architecture = "unet"
+protocol = "cerebrum7"
+folders = ["packed"]
+[model]
+in_channels = 1
+n_classes = 8
+base_filters = 2
+depth = 1
+[augment]
+crop = [8, 8, 8]
+[optim]
+lr = 0.01
+warmup = 1
+iterations = {iterations}
+[run]
+seed = 5
+checkpoint_every = 1
+log_every = 1
+[cv]
+cv_folds = 2
+"""
+    path = tmp_path / "tiny.toml"
+    path.write_text(text)
+    return path
+
+
+def test_fit_is_seeded_and_resumes_exactly(tmp_path):
+    _pack(tmp_path / "data" / "packed")
+    cfg_path = _config(tmp_path)
+    cfg = TrainConfig.from_toml(cfg_path)
+    straight = fit(cfg, tmp_path / "data", tmp_path / "run_a", num_threads=1)
+    first = fit(cfg, tmp_path / "data", tmp_path / "run_b", num_threads=1, stop_after=2)
+    assert first.name == "state"
+    state = json.loads((tmp_path / "run_b" / "state.json").read_text())
+    assert state["iteration"] == 2
+    resumed = fit(cfg, tmp_path / "data", tmp_path / "run_b", num_threads=1)
+    model_a, manifest_a = load_checkpoint(straight)
+    model_b, _ = load_checkpoint(resumed)
+    for (ka, va), (kb, vb) in zip(model_a.state_dict().items(), model_b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb), ka
+    assert manifest_a["task"] == "wholebrain"
+    assert manifest_a["label_protocol"]["name"] == "cerebrum7"
+    assert manifest_a["training"]["iterations"] == 4 and manifest_a["voxel_size_mm"] == 2.0
+
+
+def test_fit_fold_leaves_out_test_subjects(tmp_path, caplog):
+    _pack(tmp_path / "data" / "packed")
+    cfg = TrainConfig.from_toml(_config(tmp_path, iterations=1))
+    out = fit(cfg, tmp_path / "data", tmp_path / "run", fold=0, num_threads=1)
+    _, manifest = load_checkpoint(out)
+    test = set(manifest["training"]["test_subjects"])
+    assert test and manifest["training"]["n_real_cases"] == 3 - len(test & {"s0", "s1", "s2"})
+
+
+def test_cli_fit_export_and_errors(tmp_path, capsys):
+    _pack(tmp_path / "data" / "packed")
+    cfg_path = _config(tmp_path, iterations=2)
+    assert train_main(["fit", str(cfg_path), "--data", str(tmp_path / "data"), "--run", str(tmp_path / "r"),
+                       "--threads", "1"]) == 0
+    metrics = tmp_path / "m.json"
+    metrics.write_text(json.dumps({"cv_mean_dice": 0.5}))
+    assert train_main(["export", str(tmp_path / "r" / "final"), str(tmp_path / "out" / "tiny"),
+                       "--metrics", str(metrics)]) == 0
+    _, manifest = load_checkpoint(tmp_path / "out" / "tiny")
+    assert manifest["metrics"]["cv_mean_dice"] == 0.5 and manifest["weights_dtype"] == "float16"
+    assert train_main(["fit", str(cfg_path), "--data", str(tmp_path / "nothing"), "--run", str(tmp_path / "x")]) == 2
+    assert "no packed training data" in capsys.readouterr().err
+    bad = tmp_path / "bad.toml"
+    bad.write_text(cfg_path.read_text() + "\n[extra]\nwhat = 1\n")
+    assert train_main(["fit", str(bad), "--data", str(tmp_path / "data"), "--run", str(tmp_path / "y")]) == 2
+    assert train_main(["folds", str(cfg_path), "--data", str(tmp_path / "data")]) == 0
+    assert "fold 0" in capsys.readouterr().out
+
+
+def test_protocol_of_training_configs_matches_models():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "configs" / "train"
+    for path in sorted(root.glob("*.toml")):
+        cfg = TrainConfig.from_toml(path)
+        assert cfg.model["n_classes"] == len(load_protocol(cfg.protocol)), path
