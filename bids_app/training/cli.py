@@ -69,10 +69,10 @@ def main(argv: list[str] | None = None) -> int:
                             protocol=args.protocol, factor=args.voxel_size)
             print(f"{len(index['cases'])} cases written to {args.out}")
         elif args.command == "fit":
-            from .trainer import TrainConfig, fit
+            from .trainer import TrainConfig, fit, fit_segnet
 
             cfg = TrainConfig.from_toml(args.config, iterations=args.iterations)
-            out = fit(cfg, args.data, args.run, fold=args.fold, device=args.device, num_threads=args.threads,
+            out = (fit_segnet if cfg.architecture == "segnet" else fit)(cfg, args.data, args.run, fold=args.fold, device=args.device, num_threads=args.threads,
                       resume=not args.no_resume, stop_after=args.stop_after)
             print(out)
         elif args.command == "folds":

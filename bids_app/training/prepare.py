@@ -143,6 +143,13 @@ def prepare(out_dir: Path, *, oasis: Path | None = None, mindboggle: Path | None
     out_dir.mkdir(parents=True, exist_ok=True)
     proto = load_protocol(protocol)
     index = {"protocol": protocol, "voxel_size_mm": float(factor), "cases": []}
+
+    def add(entry: dict) -> None:
+        # the index is rewritten after every case, so a long packing can be used while it runs
+        index["cases"].append(entry)
+        with atomic_output(out_dir / "index.json") as tmp:
+            Path(tmp).write_text(json.dumps(index, indent=1) + "\n")
+
     if oasis is not None:
         subjects = sorted(p for p in Path(oasis).glob("sub-*") if p.is_dir())
         for i, sub in enumerate(subjects, 1):
@@ -151,7 +158,7 @@ def prepare(out_dir: Path, *, oasis: Path | None = None, mindboggle: Path | None
             labels = sub / f"{label}_desc-aparcNMMjt+aseg_dseg.mgz"
             log.info("[%d/%d] OASIS-TRT-20 %s", i, len(subjects), label)
             _save_npz(out_dir / f"oasis-{label}.npz", prepare_oasis_case(t1w, labels, proto, factor=factor))
-            index["cases"].append({"case": f"oasis-{label}", "subject": f"OASIS-TRT-20-{int(label[4:])}",
+            add({"case": f"oasis-{label}", "subject": f"OASIS-TRT-20-{int(label[4:])}",
                                    "kind": "real", "source": "OASIS-TRT-20", "licence": "CC BY-NC-SA 3.0"})
     if mindboggle is not None:
         maps = sorted(Path(mindboggle).glob("*_aparcNMMjt+aseg.mgz"))
@@ -159,7 +166,7 @@ def prepare(out_dir: Path, *, oasis: Path | None = None, mindboggle: Path | None
             name = path.name.replace("_aparcNMMjt+aseg.mgz", "")
             log.info("[%d/%d] Mindboggle-101 %s", i, len(maps), name)
             _save_npz(out_dir / f"mb-{name}.npz", prepare_labelmap_case(path, proto, "aparcNMMjt+aseg", factor))
-            index["cases"].append({"case": f"mb-{name}", "subject": name, "kind": "labelmap",
+            add({"case": f"mb-{name}", "subject": name, "kind": "labelmap",
                                    "source": "Mindboggle-101", "licence": "CC BY-NC-SA 3.0"})
     if synthseg is not None:
         if protocol != "aseg":
@@ -170,10 +177,8 @@ def prepare(out_dir: Path, *, oasis: Path | None = None, mindboggle: Path | None
                 name = re.sub(r"\.nii\.gz$", "", path.name)
                 log.info("[%d/%d] SynthSeg %s", i, len(maps), name)
                 _save_npz(out_dir / f"ss-{name}.npz", prepare_labelmap_case(path, proto, "synthseg", factor))
-                index["cases"].append({"case": f"ss-{name}", "subject": f"synthseg-{name}", "kind": "labelmap",
+                add({"case": f"ss-{name}", "subject": f"synthseg-{name}", "kind": "labelmap",
                                        "source": "SynthSeg training label maps", "licence": "Apache-2.0"})
-    with atomic_output(out_dir / "index.json") as tmp:
-        Path(tmp).write_text(json.dumps(index, indent=1) + "\n")
     return index
 
 
