@@ -49,6 +49,20 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("config", type=Path)
     k.add_argument("--data", type=Path, required=True)
 
+    c = sub.add_parser("cv", help="cross-validate trained fold models (and the JLF baseline, the QC study)")
+    c.add_argument("--data", type=Path, required=True)
+    c.add_argument("--runs", type=Path, required=True, help="folder of <arch>-fold<k> run folders")
+    c.add_argument("--out", type=Path, required=True)
+    c.add_argument("--archs", nargs="+", default=["unet", "cerebrum"])
+    c.add_argument("--folds", type=int, nargs="+")
+    c.add_argument("--k", type=int, default=3)
+    c.add_argument("--mc-samples", type=int, default=15)
+    c.add_argument("--single-mc", type=int, default=5, help="MC samples for each member alone")
+    c.add_argument("--threads", type=int, default=2)
+    c.add_argument("--jlf-folds", type=int, nargs="*", default=[])
+    c.add_argument("--jlf-subjects", type=int, default=5)
+    c.add_argument("--degrade-subjects", type=int, default=0, help="test subjects per fold also run degraded")
+
     e = sub.add_parser("export", help="write a run's final model as an installable checkpoint")
     e.add_argument("final", type=Path)
     e.add_argument("stem", type=Path)
@@ -82,6 +96,15 @@ def main(argv: list[str] | None = None) -> int:
             for i, subjects in enumerate(fold_split(load_cases(args.data, cfg.folders, cfg.protocol),
                                                     cfg.cv_folds, cfg.cv_seed)):
                 print(f"fold {i}: {' '.join(subjects)}")
+        elif args.command == "cv":
+            from .crossval import run_cv
+
+            summary = run_cv(args.data, args.runs, args.out, archs=args.archs, folds=args.folds, k=args.k,
+                             mc_samples=args.mc_samples, threads=args.threads, jlf_folds=args.jlf_folds,
+                             jlf_subjects=args.jlf_subjects, degrade_subjects=args.degrade_subjects,
+                             single_mc=args.single_mc)
+            for method, protocols in summary["methods"].items():
+                print(method, " ".join(f"{p}={v['overall'].get('dice_mean')}" for p, v in protocols.items()))
         elif args.command == "export":
             from bids_app.models.checkpoint import load_checkpoint, save_checkpoint
 

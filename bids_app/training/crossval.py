@@ -1,0 +1,195 @@
+"""Cross-validation of the whole-brain models on the packed OASIS-TRT-20 cases (``arborseg-train cv``).
+
+For every fold ``k`` the networks of ``<runs>/<arch>-fold<k>/final`` (trained without the fold's
+test subjects) segment each test subject's 1 mm image through
+:func:`bids_app.models.segment.segment_volume`, exactly as the pipeline does, and the labels are
+scored against the 1 mm manual/FreeSurfer reference in four protocols: the DKT + aseg
+parcellation, aseg, CEREBRUM's 7 classes and the 14 deep structures (merged through the tables).
+
+In the same run, optionally:
+
+* the classical peer: ANTs joint label fusion (Wang et al.) with the fold's training subjects as
+  atlases (SyN registration at the model grid, then ``ants.joint_label_fusion``), its Dice and its
+  time per subject beside the networks';
+* the MC-dropout QC study: the ensemble's mean volume CV against its Dice for clean and
+  deliberately degraded inputs (noise, bias field, blur, thick slices), with Pearson's r.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bids_app.atomic import atomic_output
+from bids_app.core.intensity import normalise_intensity
+from bids_app.core.labels import load_protocol, merge_labels
+from bids_app.core.metrics import pearson
+from bids_app.evaluate import evaluate_arrays, summarise_rows, write_tsv
+
+from .prepare import block_mean, block_mode
+from .trainer import fold_split, load_cases
+
+log = logging.getLogger(__name__)
+
+PROTOCOLS = ("dkt-aseg", "aseg", "cerebrum7", "deep14")
+DEGRADATIONS = ("noise", "bias", "blur", "thick-slices")
+
+
+def degrade(image: np.ndarray, kind: str, seed: int = 0) -> np.ndarray:
+    """A deliberately corrupted copy of a normalised 1 mm image (renormalised inside its mask)."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    mask = image > 0
+    x = image.astype(np.float32).copy()
+    if kind == "noise":
+        x = x + rng.normal(0, 0.12, x.shape).astype(np.float32)
+    elif kind == "bias":
+        coarse = rng.normal(0, 0.5, (4, 4, 4))
+        field = ndimage.zoom(coarse, [s / 4 for s in x.shape], order=3)[: x.shape[0], : x.shape[1], : x.shape[2]]
+        x = x * np.exp(field).astype(np.float32)
+    elif kind == "blur":
+        x = ndimage.gaussian_filter(x, 1.5)
+    elif kind == "thick-slices":
+        f = 5
+        z = x.shape[2] - x.shape[2] % f
+        thick = x[:, :, :z].reshape(x.shape[0], x.shape[1], z // f, f).mean(axis=3)
+        x[:, :, :z] = ndimage.zoom(thick, (1, 1, f), order=1)[:, :, :z]
+    else:
+        raise ValueError(f"unknown degradation {kind!r}")
+    x = np.clip(x, 0, None) * mask
+    return normalise_intensity(x, mask)
+
+
+def score(pred_fine: np.ndarray, ref_fine: np.ndarray, subject: str, method: str, fine: str = "dkt-aseg") -> list[dict]:
+    """Metric rows of one prediction in every protocol of :data:`PROTOCOLS`."""
+    rows = []
+    fine_p = load_protocol(fine)
+    for name in PROTOCOLS:
+        proto = load_protocol(name)
+        pred = merge_labels(pred_fine, fine_p, proto) if name != fine else pred_fine
+        ref = merge_labels(ref_fine, fine_p, proto) if name != fine else ref_fine
+        for row in evaluate_arrays(pred, ref, proto, (1.0, 1.0, 1.0), subject):
+            row.update(method=method, protocol=name)
+            rows.append(row)
+    return rows
+
+
+def _load_case(data: Path, case: str) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(data / "oasis" / f"{case}.npz") as npz:
+        return npz["img1"].astype(np.float32), npz["lab1"].astype(np.int32)
+
+
+def jlf_segment(target: np.ndarray, atlases: list[tuple[np.ndarray, np.ndarray]], factor: int = 2,
+                threads: int = 1) -> np.ndarray:
+    """ANTs joint label fusion of ``atlases`` (1 mm image, label values) onto ``target``, at the model grid."""
+    import ants
+    from ants import config as ants_config
+
+    ants_config._random_seed = 1  # ANTsPy >= 0.6 reads the seed from here (see core.registration)
+
+    def down(img):
+        return ants.from_numpy(block_mean(img, factor), spacing=(float(factor),) * 3)
+
+    fixed = down(target)
+    mask = ants.from_numpy((block_mean(target, factor) > 0.05).astype(np.float32), spacing=(float(factor),) * 3)
+    warped_images, warped_labels = [], []
+    for img, lab in atlases:
+        moving = down(img)
+        classes = block_mode(lab, factor).astype(np.float32)
+        reg = ants.registration(fixed, moving, type_of_transform="SyN", reg_iterations=(40, 20, 0),
+                                random_seed=1, verbose=False)
+        warped_images.append(reg["warpedmovout"])
+        warped_labels.append(ants.apply_transforms(fixed, ants.from_numpy(classes, spacing=(float(factor),) * 3),
+                                                   reg["fwdtransforms"], interpolator="genericLabel"))
+    fused = ants.joint_label_fusion(fixed, mask, warped_images, warped_labels, beta=2, rad=2, verbose=False)
+    labels2 = fused["segmentation"].numpy().astype(np.int32)
+    up = np.repeat(np.repeat(np.repeat(labels2, factor, 0), factor, 1), factor, 2)
+    return up[: target.shape[0], : target.shape[1], : target.shape[2]]
+
+
+def run_cv(data: Path, runs: Path, out: Path, *, archs: list[str], folds: list[int] | None = None,
+           k: int = 3, cv_seed: int = 0, mc_samples: int = 15, threads: int = 2, jlf_folds: list[int] = (),
+           jlf_subjects: int = 5, degrade_subjects: int = 0, single_mc: int = 5) -> dict:
+    """Cross-validate; writes ``<out>/cv_rows.tsv``, ``cv_summary.json`` and ``qc_study.tsv``."""
+    from bids_app.models.segment import segment_volume
+
+    data, runs, out = Path(data), Path(runs), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cases = [c for c in load_cases(data, ["oasis"], "dkt-aseg") if c["kind"] == "real"]
+    by_subject = {c["subject"]: c["case"] for c in cases}
+    split = fold_split(cases, k, cv_seed)
+    folds = list(range(k)) if folds is None else folds
+    rows: list[dict] = []
+    qc: list[dict] = []
+    timing: dict[str, list[float]] = {}
+    for fold in folds:
+        members = [runs / f"{a}-fold{fold}" / "final" for a in archs]
+        missing = [str(m) for m in members if not m.with_suffix(".json").is_file()]
+        if missing:
+            raise FileNotFoundError(f"fold {fold}: no trained model {', '.join(missing)}")
+        train_subjects = [s for s in sorted(by_subject) if s not in split[fold]]
+        for i, subject in enumerate(split[fold]):
+            image, ref = _load_case(data, by_subject[subject])
+            log.info("fold %d subject %s (%d/%d)", fold, subject, i + 1, len(split[fold]))
+            t0 = time.time()
+            result = segment_volume(image, members, mc_samples=mc_samples, num_threads=threads, device="cpu")
+            timing.setdefault("ensemble", []).append(time.time() - t0)
+            ens_rows = score(result.labels, ref, subject, "ensemble")
+            rows += ens_rows
+            aseg_dice = float(np.nanmean([r["dice"] for r in ens_rows if r["protocol"] == "aseg"]))
+            qc.append({"subject": subject, "fold": fold, "condition": "clean", "mean_cv_percent": result.mean_cv_percent,
+                       "aseg_mean_dice": aseg_dice, "qc_flag": result.qc_flag})
+            if len(archs) > 1:
+                for arch, member in zip(archs, members):
+                    t0 = time.time()
+                    single = segment_volume(image, [member], mc_samples=single_mc, num_threads=threads, device="cpu")
+                    timing.setdefault(arch, []).append(time.time() - t0)
+                    rows += score(single.labels, ref, subject, arch)
+            if fold in jlf_folds and i < jlf_subjects:
+                atlases = [_load_case(data, by_subject[s]) for s in train_subjects]
+                t0 = time.time()
+                fused = jlf_segment(image, atlases)
+                timing.setdefault("jlf", []).append(time.time() - t0)
+                protocol = load_protocol("dkt-aseg")
+                rows += score(protocol.to_labels(fused), ref, subject, "jlf")
+            if i < degrade_subjects:
+                for kind in DEGRADATIONS:
+                    bad = degrade(image, kind, seed=i)
+                    res = segment_volume(bad, members, mc_samples=mc_samples, num_threads=threads, device="cpu")
+                    d_rows = score(res.labels, ref, subject, f"ensemble-{kind}")
+                    rows += d_rows
+                    qc.append({"subject": subject, "fold": fold, "condition": kind,
+                               "mean_cv_percent": res.mean_cv_percent, "qc_flag": res.qc_flag,
+                               "aseg_mean_dice": float(np.nanmean([r["dice"] for r in d_rows
+                                                                    if r["protocol"] == "aseg"]))})
+            _write(out, rows, qc, timing, archs, mc_samples, split, folds)
+    return _write(out, rows, qc, timing, archs, mc_samples, split, folds)
+
+
+def _write(out: Path, rows, qc, timing, archs, mc_samples, split, folds) -> dict:
+    summary: dict = {"folds": {str(f): split[f] for f in folds}, "mc_samples": mc_samples, "members": archs,
+                     "reference": "OASIS-TRT-20 manual DKT cortex + FreeSurfer (silver) subcortical labels, 1 mm",
+                     "methods": {}}
+    for method in sorted({r["method"] for r in rows}):
+        summary["methods"][method] = {}
+        for name in PROTOCOLS:
+            sel = [r for r in rows if r["method"] == method and r["protocol"] == name]
+            if sel:
+                s = summarise_rows(sel, load_protocol(name))
+                summary["methods"][method][name] = {"overall": s["overall"], "structures": s.get("structures")}
+    summary["seconds_per_subject"] = {m: float(np.mean(t)) for m, t in timing.items()}
+    if len(qc) >= 3:
+        cv = np.array([q["mean_cv_percent"] for q in qc], dtype=float)
+        dice = np.array([q["aseg_mean_dice"] for q in qc], dtype=float)
+        summary["qc_study"] = {"pearson_r_cv_vs_dice": pearson(cv, dice), "n": len(qc),
+                               "conditions": sorted({q["condition"] for q in qc})}
+    write_tsv(rows, out / "cv_rows.tsv")
+    write_tsv(qc, out / "qc_study.tsv")
+    with atomic_output(out / "cv_summary.json") as tmp:
+        Path(tmp).write_text(json.dumps(summary, indent=1, default=float) + "\n")
+    return summary
