@@ -32,13 +32,22 @@ PATH_PATTERNS: tuple[str, ...] = (
     _ANAT + _ACQ + "[_space-{space}][_res-{res}][_label-{label}][_desc-{desc}]"
     "_{suffix<mask>}{extension<.nii|.nii.gz|.json>|.nii.gz}",
     _ANAT + _ACQ + "[_space-{space}][_res-{res}][_seg-{segmentation}][_label-{label}][_desc-{desc}]"
-    "_{suffix<dseg|probseg|morph|uncertainty>}{extension<.nii|.nii.gz|.json|.tsv>|.nii.gz}",
+    "_{suffix<dseg|probseg|morph|uncertainty|qc>}{extension<.nii|.nii.gz|.json|.tsv>|.nii.gz}",
     _ANAT + _ACQ + "_from-{from}_to-{to}_mode-{mode<image|points>|image}[_desc-{desc}]"
     "_{suffix<xfm>}{extension<.mat|.h5|.txt|.json>|.mat}",
     "sub-{subject}/{datatype<figures>}/sub-{subject}[_ses-{session}]" + _ACQ +
-    "[_space-{space}][_seg-{segmentation}][_desc-{desc}]_{suffix<T1w|T2w|FLAIR|mask|dseg|xfm>}"
+    "[_space-{space}][_seg-{segmentation}][_desc-{desc}]_{suffix<T1w|T2w|FLAIR|mask|dseg|xfm|uncertainty>}"
     "{extension<.svg|.png|.html>|.svg}",
 )
+
+#: ``seg-<label>`` entity of the derivatives of each label protocol (others: the name without punctuation)
+SEG_ENTITIES: dict[str, str] = {"aseg": "wholebrain", "dkt-aseg": "dkt", "cerebrum7": "cerebrum7", "deep14": "deep14"}
+
+
+def seg_entity(protocol: str) -> str:
+    """The ``seg-<label>`` of a protocol's derivatives: ``aseg`` -> ``wholebrain``, ``dkt-aseg`` -> ``dkt``..."""
+    return SEG_ENTITIES.get(protocol, re.sub(r"[^0-9a-zA-Z]", "", protocol))
+
 
 #: Suffixes ArborSeg accepts as anatomical inputs, and which one drives the pipeline.
 ANAT_SUFFIXES = ("T1w", "T2w", "FLAIR")

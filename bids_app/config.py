@@ -37,6 +37,37 @@ class PreprocConfig:
 
 
 @dataclass(frozen=True)
+class SegmentationConfig:
+    """The whole-brain segmentation branch (README "Whole-brain segmentation")."""
+
+    #: False with ``--no-seg``
+    enabled: bool = True
+    #: model manifests (``.json``) of the ensemble; empty when none is installed and none was given
+    checkpoints: tuple[Path, ...] = ()
+    #: where the checkpoints came from: ``"--seg-models"`` or ``"installed"``
+    origin: str = "installed"
+    #: label protocol shared by the checkpoints (e.g. ``aseg``, ``dkt-aseg``)
+    protocol: str = ""
+    #: Monte-Carlo dropout samples per subject
+    mc_samples: int = 15
+
+    @property
+    def active(self) -> bool:
+        """True when the branch runs: switched on and at least one model."""
+        return self.enabled and bool(self.checkpoints)
+
+    @property
+    def reason(self) -> str:
+        """Why the branch does not run ("" when it does)."""
+        if not self.enabled:
+            return "switched off with --no-seg"
+        if not self.checkpoints:
+            return ("no whole-brain segmentation models are installed (bids_app/data/models/ or "
+                    "$ARBORSEG_MODELS_DIR); pass --seg-models to use your own")
+        return ""
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything one invocation of ``arborseg`` decided, resolved to absolute paths."""
 
@@ -59,6 +90,7 @@ class RunConfig:
     templateflow_home: Path | None = None
     verbosity: int = 0
     preproc: PreprocConfig = field(default_factory=PreprocConfig)
+    segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
     version: str = ""
     command: str = ""
     run_uuid: str = ""
@@ -82,4 +114,5 @@ class RunConfig:
 
         data = self.to_dict()
         preproc = data.pop("preproc")
-        return tomli_w.dumps({"arborseg": data, "preproc": preproc})
+        segmentation = data.pop("segmentation")
+        return tomli_w.dumps({"arborseg": data, "preproc": preproc, "segmentation": segmentation})

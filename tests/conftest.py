@@ -67,3 +67,24 @@ def tree_state(root: Path) -> dict:
     """Every file under ``root`` with its size and mtime: to prove nothing was written there."""
     return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
             for p in sorted(root.rglob("*"))}
+
+
+def tiny_wholebrain_checkpoint(path_stem, *, voxel_size_mm=2.0, protocol="aseg", seed=0, task="wholebrain",
+                               name=None):
+    """A random UNet3D (2 filters, depth 1) saved as a whole-brain checkpoint; returns the manifest path."""
+    import torch
+
+    from bids_app.core.labels import load_protocol
+    from bids_app.models.checkpoint import save_checkpoint
+    from bids_app.models.unet import UNet3D
+
+    torch.manual_seed(seed)
+    prot = load_protocol(protocol)
+    net = UNet3D(in_channels=1, n_classes=len(prot), base_filters=2, depth=1)
+    save_checkpoint(net, path_stem, {
+        "name": name or path_stem.name, "version": "0.0.1", "task": task,
+        "label_protocol": prot.as_manifest(),
+        "input_channels": [{"name": "T1w", "normalisation": "percentile99"}], "voxel_size_mm": voxel_size_mm,
+        "training": {"data": "random weights (tests)", "licence": "CC0-1.0", "seed": seed}, "metrics": {},
+    })
+    return path_stem.with_name(path_stem.name + ".json")

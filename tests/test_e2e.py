@@ -1,5 +1,6 @@
 """The real graph, end to end, on the phantom BIDS dataset (minutes): participant, resume,
-reports-only and group levels, one broken subject that must not stop the others."""
+reports-only and group levels, one broken subject that must not stop the others, and the whole-brain
+segmentation branch with a tiny random checkpoint (switched off, and with no models installed)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import numpy as np
 import pytest
 
 from bids_app.cli.run import main
-from tests.conftest import tree_state
+from bids_app.core.labels import load_protocol
+from tests.conftest import tiny_wholebrain_checkpoint, tree_state
 
 pytestmark = pytest.mark.e2e
 
@@ -39,13 +41,16 @@ def e2e(tmp_path_factory, phantom_templateflow):
     with open(bids / "participants.tsv", "a") as fh:
         fh.write("sub-broken\tn/a\tn/a\n")
     out = bids / "derivatives" / "arborseg"  # allowed inside the input dataset
-    args = [str(bids), str(out), "participant", "-w", str(root / "work"), "--template", "ArborSegPhantom",
-            "--templateflow-home", str(phantom_templateflow), "--voxel-size", "2", "--nprocs", "2"]
+    model = tiny_wholebrain_checkpoint(root / "models" / "tiny-wholebrain")
+    common = ["-w", str(root / "work"), "--template", "ArborSegPhantom", "--templateflow-home",
+              str(phantom_templateflow), "--voxel-size", "2", "--nprocs", "2"]
+    args = [str(bids), str(out), "participant", *common, "--seg-models", str(model), "--mc-samples", "3"]
     before = tree_state(bids)
     t0 = time.perf_counter()
     code = main(args)
     first = time.perf_counter() - t0
-    return {"bids": bids, "out": out, "args": args, "code": code, "first": first, "before": before, "root": root}
+    return {"bids": bids, "out": out, "args": args, "code": code, "first": first, "before": before, "root": root,
+            "common": common, "model": model}
 
 
 def test_participant_outputs(e2e):
@@ -65,7 +70,7 @@ def test_participant_outputs(e2e):
         icv = json.loads((anat / f"sub-{sub}_label-ICV_mask.json").read_text())
         assert 900 < icv["VolumeML"] < 2200
         figures = sorted(p.name for p in (out / f"sub-{sub}" / "figures").glob("*.svg"))
-        assert len(figures) == 5, figures
+        assert len(figures) == 7, figures  # 5 of preprocessing, 2 of the segmentation
         html = (out / f"sub-{sub}.html").read_text()
         assert "success" in html.lower() and "figures/" in html
         record = json.loads((out / "logs" / f"sub-{sub}_record.json").read_text())
@@ -149,6 +154,25 @@ def test_reports_only_and_group(e2e, capsys):
     assert float(rows["sub-phantom01"]["icv_ml"]) > 0
     html = (out / "group.html").read_text()
     assert "sub-phantom01.html" in html and "sub-broken" in html
+    # segmentation tables: one row per successful subject, one column per structure (mm3)
+    aseg = load_protocol("aseg")
+    for seg, protocol in (("wholebrain", aseg), ("cerebrum7", load_protocol("cerebrum7"))):
+        lines = (out / f"group_volumes_{seg}.tsv").read_text().splitlines()
+        header = lines[0].split("\t")
+        assert header == ["label", "subject", "session", *protocol.names[1:]]
+        table = {ln.split("\t")[0]: ln.split("\t") for ln in lines[1:]}
+        assert set(table) == {"sub-phantom01", "sub-phantom02"}
+        assert all(float(v) >= 0 for row in table.values() for v in row[3:])
+    qc = (out / "group_seg_qc.tsv").read_text().splitlines()
+    header = qc[0].split("\t")
+    assert header[:5] == ["label", "subject", "session", "qc_flag", "mean_cv_percent"]
+    rows = [dict(zip(header, ln.split("\t"))) for ln in qc[1:]]
+    assert sorted(r["label"] for r in rows) == ["sub-phantom01", "sub-phantom02"]
+    assert all(r["qc_flag"] in ("pass", "warn") and r["mc_samples"] == "3" for r in rows)
+    for family in ("cortex", "whitematter", "deepgreymatter", "ventriclescsf", "cerebellum", "brainstem"):
+        rel = f"figures/group_seg-wholebrain_desc-{family}_strip.svg"
+        assert (out / rel).is_file() and "sub-phantom01.html" in (out / rel).read_text()
+    assert "structures-axes" in html and "segmentation QC: warn" in html
 
 
 def test_sessions_are_processed_and_named(tmp_path, phantom_templateflow):
@@ -167,7 +191,7 @@ def test_sessions_are_processed_and_named(tmp_path, phantom_templateflow):
     out = tmp_path / "out"
     code = main([str(bids), str(out), "participant", "--participant-label", "01", "--session-label", "A", "ses-B",
                  "-w", str(tmp_path / "work"), "--template", "ArborSegPhantom", "--templateflow-home",
-                 str(phantom_templateflow), "--voxel-size", "3", "--no-denoise", "--nprocs", "2"])
+                 str(phantom_templateflow), "--voxel-size", "3", "--no-denoise", "--nprocs", "2", "--no-seg"])
     assert code == 0
     for ses in ("A", "B"):
         assert (out / "sub-01" / f"ses-{ses}" / "anat" / f"sub-01_ses-{ses}_desc-preproc_T1w.nii.gz").is_file()
@@ -176,3 +200,93 @@ def test_sessions_are_processed_and_named(tmp_path, phantom_templateflow):
     assert not (out / "sub-01" / "ses-C").exists()  # not selected
     record = json.loads((out / "logs" / "sub-01_ses-A_record.json").read_text())
     assert "denoise" not in {r["stage"] for r in record["runtimes"]}  # --no-denoise removes the stage
+
+
+SEG_FILES = ("seg-wholebrain_dseg.nii.gz", "seg-wholebrain_dseg.tsv", "seg-cerebrum7_dseg.nii.gz",
+             "seg-cerebrum7_dseg.tsv", "seg-wholebrain_desc-entropy_uncertainty.nii.gz", "seg-wholebrain_morph.tsv",
+             "seg-cerebrum7_morph.tsv", "seg-wholebrain_qc.json",
+             *(f"seg-cerebrum7_label-{a}_probseg.nii.gz" for a in ("GM", "WM", "CSF", "VEN", "CER", "BST", "BGA")))
+
+
+def test_segmentation_derivatives(e2e):
+    import nibabel as nb
+
+    from bids_app.core.morphometry import MORPH_COLUMNS, read_morphometry_tsv
+
+    out = e2e["out"]
+    aseg = load_protocol("aseg")
+    for sub in ("phantom01", "phantom02"):
+        anat = out / f"sub-{sub}" / "anat"
+        raw = nb.load(str(e2e["bids"] / f"sub-{sub}" / "anat" / f"sub-{sub}_T1w.nii.gz"))
+        for name in SEG_FILES:
+            assert (anat / f"sub-{sub}_{name}").is_file(), name
+            if name.endswith(".nii.gz"):
+                img = nb.load(str(anat / f"sub-{sub}_{name}"))
+                assert img.shape == raw.shape[:3] and np.allclose(img.affine, raw.affine), name
+                sidecar = json.loads((anat / f"sub-{sub}_{name.replace('.nii.gz', '.json')}").read_text())
+                assert sidecar["Sources"][0] == f"bids:raw:sub-{sub}/anat/sub-{sub}_T1w.nii.gz", name
+                assert sidecar["Models"] == ["tiny-wholebrain"] and sidecar["MCSamples"] == 3
+        dseg = np.asarray(nb.load(str(anat / f"sub-{sub}_seg-wholebrain_dseg.nii.gz")).dataobj)
+        assert dseg.dtype == np.int16 and set(np.unique(dseg)) <= set(aseg.indices)
+        tsv = (anat / f"sub-{sub}_seg-wholebrain_dseg.tsv").read_text().splitlines()
+        assert tsv[0].split("\t")[:2] == ["index", "name"] and len(tsv) == len(aseg) + 1
+        morph = anat / f"sub-{sub}_seg-wholebrain_morph.tsv"
+        assert morph.read_text().splitlines()[0].split("\t") == list(MORPH_COLUMNS)
+        rows = read_morphometry_tsv(morph)
+        assert [r["name"] for r in rows] == list(aseg.names[1:])
+        assert json.loads((anat / f"sub-{sub}_seg-wholebrain_morph.json").read_text())["Sources"]
+        qc = json.loads((anat / f"sub-{sub}_seg-wholebrain_qc.json").read_text())
+        assert qc["MCSamples"] == 3 and qc["Seed"] == 42 and qc["QCFlag"] in ("pass", "warn")
+        assert qc["Sources"] and set(qc["Protocols"]) == {"aseg", "cerebrum7", "deep14"}
+        figures = out / f"sub-{sub}" / "figures"
+        for fig in ("seg-wholebrain_dseg.svg", "seg-wholebrain_desc-entropy_uncertainty.svg"):
+            assert (figures / f"sub-{sub}_{fig}").is_file(), fig
+        record = json.loads((out / "logs" / f"sub-{sub}_record.json").read_text())
+        seg = record["segmentation"]
+        assert seg["status"] == "done" and seg["models"] == ["tiny-wholebrain"] and seg["mc_samples"] == 3
+        assert [r["name"] for r in seg["volumes"]["wholebrain"]] == list(aseg.names[1:])
+        assert "seg_mean_cv_percent" in record["metrics"] or seg["mean_cv_percent"] is None
+        html = (out / f"sub-{sub}.html").read_text()
+        assert "Whole-brain segmentation" in html and f"sub-{sub}_seg-wholebrain_dseg.svg" in html
+        assert 'class="seg-table"' in html and "Left-Hippocampus" in html
+        assert html.count('<tr class="flagged">') == sum(r["qc_flag"] == "warn" for r in rows)
+    citation = (out / "logs" / "CITATION.md").read_text()
+    assert "Monte-Carlo dropout" in citation and "Zopes" in citation
+    broken = json.loads((out / "logs" / "sub-broken_record.json").read_text())
+    assert broken["segmentation"]["status"] == "failed"
+
+
+def _no_seg_files(out: Path) -> None:
+    assert not [p for p in out.rglob("*seg-*") if p.is_file()]
+    assert not list(out.glob("group_volumes_*.tsv")) and not (out / "group_seg_qc.tsv").exists()
+
+
+def test_no_seg_writes_no_segmentation(e2e):
+    out = e2e["root"] / "out-noseg"
+    code = main([str(e2e["bids"]), str(out), "participant", "--participant-label", "phantom01", *e2e["common"],
+                 "--no-seg"])
+    assert code == 0  # preprocessing comes from the shared work directory
+    assert (out / "sub-phantom01" / "anat" / "sub-phantom01_desc-preproc_T1w.nii.gz").is_file()
+    record = json.loads((out / "logs" / "sub-phantom01_record.json").read_text())
+    assert record["segmentation"] == {"status": "off", "reason": "switched off with --no-seg"}
+    assert "Whole-brain segmentation" not in (out / "sub-phantom01.html").read_text()
+    assert main([str(e2e["bids"]), str(out), "group"]) == 0
+    _no_seg_files(out)
+    assert "segmeancv" not in (out / "group.html").read_text()
+
+
+def test_no_models_installed_says_so(e2e, monkeypatch, tmp_path, capsys):
+    from bids_app.models import checkpoint
+
+    monkeypatch.setattr(checkpoint, "PACKAGE_MODELS_DIR", tmp_path / "none")
+    monkeypatch.setenv("ARBORSEG_MODELS_DIR", str(tmp_path / "none"))
+    out = e2e["root"] / "out-nomodels"
+    code = main([str(e2e["bids"]), str(out), "participant", "--participant-label", "phantom01", *e2e["common"]])
+    assert code == 0
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if "segmentation skipped" in ln]
+    assert len(warnings) == 1 and "no whole-brain segmentation models are installed" in warnings[0]
+    record = json.loads((out / "logs" / "sub-phantom01_record.json").read_text())
+    assert record["segmentation"]["status"] == "skipped"
+    html = (out / "sub-phantom01.html").read_text()
+    assert "Whole-brain segmentation" in html and "Not run: no whole-brain segmentation models" in html
+    _no_seg_files(out)

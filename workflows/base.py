@@ -8,20 +8,29 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
 from bids_app.bids import AnatInputs, raw_uri
-from bids_app.config import PreprocConfig
+from bids_app.config import PreprocConfig, SegmentationConfig
 from bids_app.core.crop import CEREBELLUM_BOX_MM
 from bids_app.resources import TemplateFiles
 
 from .outputs import init_anat_derivatives_wf, init_anat_reports_wf
 from .preproc import init_anat_preproc_wf
+from .segment import (
+    SEG_DERIVATIVES,
+    init_wholebrain_seg_derivatives_wf,
+    init_wholebrain_seg_reports_wf,
+    init_wholebrain_seg_wf,
+    model_names,
+)
 
 
 def init_single_subject_wf(*, inputs: AnatInputs, bids_dir: Path, output_dir: Path, template: TemplateFiles,
                            preproc: PreprocConfig, omp_nthreads: int = 1, random_seed: int = 42,
+                           segmentation: SegmentationConfig | None = None, device: str = "auto",
                            name: str | None = None):
     """Preprocessing, derivatives and reportlets of one subject (and session).
 
-    The segmentation branches of later stages connect to ``anat_preproc_wf.outputnode``.
+    The segmentation branches connect to ``anat_preproc_wf.outputnode``; the whole-brain branch
+    is added when ``segmentation.active`` (models available and not switched off).
     """
     if inputs.t1w is None:
         raise ValueError(f"{inputs.label}: no T1w image")
@@ -47,16 +56,48 @@ def init_single_subject_wf(*, inputs: AnatInputs, bids_dir: Path, output_dir: Pa
         (anat_preproc_wf, derivatives_wf, [(f"outputnode.{f}", f"inputnode.{f}") for f in to_derivatives]),
         (anat_preproc_wf, reports_wf, [(f"outputnode.{f}", f"inputnode.{f}") for f in to_reports]),
     ])
+    if segmentation is not None and segmentation.active:
+        _add_wholebrain_seg(wf, inputnode, anat_preproc_wf, inputs=inputs, bids_dir=bids_dir, output_dir=output_dir,
+                            segmentation=segmentation, omp_nthreads=omp_nthreads, random_seed=random_seed,
+                            device=device)
     return wf
+
+
+def _add_wholebrain_seg(wf, inputnode, anat_preproc_wf, *, inputs: AnatInputs, bids_dir: Path, output_dir: Path,
+                        segmentation: SegmentationConfig, omp_nthreads: int, random_seed: int, device: str) -> None:
+    source_file = str(inputs.t1w)
+    checkpoints = [str(c) for c in segmentation.checkpoints]
+    seg_wf = init_wholebrain_seg_wf(checkpoints=checkpoints, mc_samples=segmentation.mc_samples, seed=random_seed,
+                                    omp_nthreads=omp_nthreads, device=device)
+    fine = segmentation.protocol or "aseg"
+    seg_derivatives_wf = init_wholebrain_seg_derivatives_wf(
+        output_dir=str(output_dir), source_file=source_file, source_uri=raw_uri(inputs.t1w, bids_dir),
+        fine_protocol=fine, models=model_names(checkpoints), mc_samples=segmentation.mc_samples)
+    seg_reports_wf = init_wholebrain_seg_reports_wf(output_dir=str(output_dir), source_file=source_file)
+    derivative_fields = list(SEG_DERIVATIVES)
+    if fine in ("aseg", "cerebrum7"):
+        derivative_fields = [f for f in derivative_fields if not f.startswith("fine_")]
+    wf.connect([
+        (inputnode, seg_wf, [("t1w", "inputnode.source_file")]),
+        (anat_preproc_wf, seg_wf, [("outputnode.t1w_preproc", "inputnode.t1w_preproc"),
+                                   ("outputnode.icv_mask", "inputnode.icv_mask"),
+                                   ("outputnode.icv_ml", "inputnode.icv_ml")]),
+        (seg_wf, seg_derivatives_wf, [(f"outputnode.{f}", f"inputnode.{f}") for f in derivative_fields]),
+        (anat_preproc_wf, seg_reports_wf, [("outputnode.t1w_preproc", "inputnode.t1w_preproc"),
+                                           ("outputnode.icv_mask", "inputnode.icv_mask")]),
+        (seg_wf, seg_reports_wf, [("outputnode.conformed_aseg_dseg", "inputnode.conformed_aseg_dseg"),
+                                  ("outputnode.conformed_entropy", "inputnode.conformed_entropy")]),
+    ])
 
 
 def init_arborseg_wf(*, subjects: list[AnatInputs], bids_dir: Path, output_dir: Path, work_dir: Path,
                      template: TemplateFiles, preproc: PreprocConfig, omp_nthreads: int = 1,
-                     random_seed: int = 42, name: str = "arborseg_wf"):
+                     random_seed: int = 42, segmentation: SegmentationConfig | None = None, device: str = "auto",
+                     name: str = "arborseg_wf"):
     """All selected subjects/sessions side by side, cached under ``work_dir``."""
     wf = pe.Workflow(name=name, base_dir=str(work_dir))
     for inputs in subjects:
         wf.add_nodes([init_single_subject_wf(inputs=inputs, bids_dir=bids_dir, output_dir=output_dir,
                                              template=template, preproc=preproc, omp_nthreads=omp_nthreads,
-                                             random_seed=random_seed)])
+                                             random_seed=random_seed, segmentation=segmentation, device=device)])
     return wf

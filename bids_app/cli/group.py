@@ -1,4 +1,5 @@
-"""Group level: gather every subject's record into ``group.tsv`` and ``group.html``."""
+"""Group level: gather every subject's record into ``group.tsv`` and ``group.html``, and the whole-brain
+segmentation tables into ``group_volumes_<seg>.tsv`` and ``group_seg_qc.tsv``."""
 
 from __future__ import annotations
 
@@ -54,6 +55,108 @@ def rows_to_tsv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
+SEG_QC_COLUMNS = ("label", "subject", "session", "qc_flag", "mean_cv_percent", "qc_threshold_percent",
+                  "deep14_mean_cv_percent", "n_structures_warn", "label_protocol", "models", "mc_samples", "seed")
+
+
+def _tsv(columns, rows) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, delimiter="\t", lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow(["n/a" if row.get(c) in (None, "") else row.get(c) for c in columns])
+    return buf.getvalue()
+
+
+def collect_segmentations(output_dir: Path, records: list[dict]) -> tuple[dict[str, list[dict]], list[dict]]:
+    """Every subject's ``_morph.tsv`` and ``_qc.json``: ``({seg: [row per subject]}, [QC row per subject])``.
+
+    Volume rows hold ``label``, ``subject``, ``session``, ``report`` and one key per structure name
+    (mm3); the QC rows the :data:`SEG_QC_COLUMNS`.
+    """
+    from ..bids import derivative_path, source_entities
+    from ..core.morphometry import read_morphometry_tsv
+
+    volumes: dict[str, list[dict]] = {}
+    qc_rows: list[dict] = []
+    for rec in records:
+        source = rec.get("source_file")
+        if not source or rec.get("status") != "success":
+            continue
+        ents = source_entities(source)
+        base = {"label": rec["label"], "subject": rec.get("subject"), "session": rec.get("session") or "",
+                "report": f"{rec['label']}.html"}
+        qc_path = Path(output_dir) / derivative_path(dict(ents, segmentation="wholebrain", suffix="qc",
+                                                          extension=".json"))
+        if not qc_path.is_file():
+            continue
+        qc = json.loads(qc_path.read_text())
+        pattern = derivative_path(dict(ents, segmentation="SEGMENTATION", suffix="morph", extension=".tsv"))
+        flag = qc.get("QCFlag")
+        for path in sorted(Path(output_dir).glob(pattern.replace("SEGMENTATION", "*"))):
+            seg = path.name.split("_seg-", 1)[1].split("_", 1)[0]
+            row = dict(base, seg_qc_flag=flag)
+            for item in read_morphometry_tsv(path):
+                row[item["name"]] = item.get("volume_mm3")
+            volumes.setdefault(seg, []).append(row)
+        structures = ((qc.get("Protocols") or {}).get("aseg") or {}).get("Structures") or []
+        qc_rows.append(dict(
+            base, qc_flag=flag, mean_cv_percent=qc.get("MeanCVPercent"),
+            qc_threshold_percent=qc.get("QCThresholdPercent"), deep14_mean_cv_percent=qc.get("Deep14MeanCVPercent"),
+            n_structures_warn=sum(s.get("qc_flag") == "warn" for s in structures),
+            label_protocol=qc.get("LabelProtocol"), models="+".join(str(m.get("Name")) for m in qc.get("Models", [])),
+            mc_samples=qc.get("MCSamples"), seed=qc.get("Seed"), seg_mean_cv_percent=qc.get("MeanCVPercent")))
+    return volumes, qc_rows
+
+
+def write_segmentation_tables(output_dir: Path, volumes: dict[str, list[dict]], qc_rows: list[dict]) -> list[Path]:
+    """``group_volumes_<seg>.tsv`` (one row per subject/session, one column per structure, mm3) and
+    ``group_seg_qc.tsv``; returns the paths written."""
+    written = []
+    for seg, rows in sorted(volumes.items()):
+        structures: list[str] = []
+        for row in rows:
+            for key in row:
+                if key not in ("label", "subject", "session", "report", "seg_qc_flag") and key not in structures:
+                    structures.append(key)
+        path = Path(output_dir) / f"group_volumes_{seg}.tsv"
+        atomic_write_text(path, _tsv(["label", "subject", "session", *structures], rows))
+        written.append(path)
+    if qc_rows:
+        path = Path(output_dir) / "group_seg_qc.tsv"
+        atomic_write_text(path, _tsv(SEG_QC_COLUMNS, qc_rows))
+        written.append(path)
+    return written
+
+
+def segmentation_figures(output_dir: Path, volumes: dict[str, list[dict]], qc_rows: list[dict]) -> list[dict]:
+    """One strip plot per structure family of the aseg protocol, and the mean CV of every subject."""
+    from ..core.labels import load_protocol, protocol_families
+    from ..reports.reportlets import plot_group_strip, plot_group_structures
+
+    figures = []
+    (Path(output_dir) / "figures").mkdir(parents=True, exist_ok=True)
+    if qc_rows:
+        rel = "figures/group_desc-segmeancv_strip.svg"
+        plot_group_strip(qc_rows, "seg_mean_cv_percent", Path(output_dir) / rel, label_key="label",
+                         link_key="report", title="Segmentation: mean volume CV over MC-dropout samples (%)")
+        figures.append({"path": rel, "caption": "Whole-brain segmentation: mean volume CV over the Monte-Carlo "
+                                                "dropout samples (%)"})
+    rows = volumes.get("wholebrain") or []
+    if not rows:
+        return figures
+    protocol = load_protocol("aseg")
+    for family, positions in protocol_families(protocol).items():
+        structures = [(protocol.names[k], protocol.names[k]) for k in positions]
+        rel = f"figures/group_seg-wholebrain_desc-{family.replace('-', '')}_strip.svg"
+        plot_group_structures(rows, structures, Path(output_dir) / rel, label_key="label", link_key="report",
+                              flag_key="seg_qc_flag", title=f"Whole-brain segmentation: {family.replace('-', ' ')}")
+        figures.append({"path": rel, "caption": f"Volumes of the {family.replace('-', ' ')} structures (aseg), "
+                                                "relative to the group median; outliers in orange, subjects whose "
+                                                "segmentation QC says warn as red diamonds"})
+    return figures
+
+
 def run_group(config) -> int:
     from ..bids import write_dataset_description
     from ..reports.reportlets import plot_group_strip
@@ -76,14 +179,22 @@ def run_group(config) -> int:
         plot_group_strip(rows, metric, output_dir / rel, label_key="label", link_key="report")
         name, unit = METRIC_LABELS.get(metric, (metric, ""))
         figures.append({"path": rel, "caption": f"{name} ({unit})" if unit else name})
+    volumes, qc_rows = collect_segmentations(output_dir, records)
+    tables = write_segmentation_tables(output_dir, volumes, qc_rows)
+    figures += segmentation_figures(output_dir, volumes, qc_rows)
     failed = [r for r in rows if r["status"] != "success"]
+    warnings = [f"{r['label']}: {r['status']} ({r['error']})" for r in failed]
+    warnings += [f"{q['label']}: whole-brain segmentation QC warn (mean volume CV "
+                 f"{'undefined' if q['mean_cv_percent'] is None else format(q['mean_cv_percent'], '.3g') + ' %'}, "
+                 f"threshold {q['qc_threshold_percent']} %)" for q in qc_rows if q.get("qc_flag") == "warn"]
     context = {
         "version": config.version, "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": config.command, "n_subjects": len(rows), "n_failed": len(failed), "columns": list(METRICS),
-        "rows": rows, "figures": figures,
-        "warnings": [f"{r['label']}: {r['status']} ({r['error']})" for r in failed],
+        "rows": rows, "figures": figures, "warnings": warnings,
     }
     report = render_group_report(context, output_dir / "group.html")
     LOGGER.info("group: %d subject(s), %d failed | table: %s | report: %s", len(rows), len(failed),
                 output_dir / "group.tsv", report)
+    if tables:
+        LOGGER.info("group: segmentation tables %s", ", ".join(p.name for p in tables))
     return EXIT_OK

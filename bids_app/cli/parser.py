@@ -16,7 +16,8 @@ exit codes:
   2    command-line usage error
   3    the input dataset, the participant/session selection, a filter file or the
        output/work location cannot be used (one line says which file and why)
-  4    a required resource (e.g. a TemplateFlow template) is not available offline
+  4    a required resource (e.g. a TemplateFlow template, a model checkpoint) is not
+       available or is unusable
   130  interrupted (Ctrl-C); re-run with the same --work-dir to resume
 """
 
@@ -119,8 +120,9 @@ def get_parser() -> argparse.ArgumentParser:
                            "Results do not depend on it.")
     perf.add_argument("--mem-gb", type=_positive_float, metavar="GB",
                       help="upper bound on memory the scheduler may plan for (default: no bound)")
-    perf.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                      help="where neural networks run: auto picks CUDA when available (default: auto)")
+    perf.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
+                      help="where neural networks run: auto picks CUDA, then Apple MPS, when available "
+                           "(default: auto)")
     perf.add_argument("--random-seed", type=int, default=42, metavar="SEED",
                       help="seed of every random choice (registration sampling, MC-dropout); default 42")
     perf.add_argument("--stop-on-first-crash", action="store_true",
@@ -137,6 +139,15 @@ def get_parser() -> argparse.ArgumentParser:
     wf.add_argument("--no-denoise", action="store_true", help="skip non-local means denoising")
     wf.add_argument("--reports-only", action="store_true",
                     help="only rebuild the HTML reports from the outputs of an earlier run")
+
+    seg = parser.add_argument_group("whole-brain segmentation")
+    choice = seg.add_mutually_exclusive_group()
+    choice.add_argument("--seg-models", nargs="+", type=Path, metavar="PATH",
+                        help="model checkpoints (<name>.json or <name>.safetensors, or the stem) of the whole-brain "
+                             "ensemble; default: the installed models whose manifest has \"task\": \"wholebrain\"")
+    choice.add_argument("--no-seg", action="store_true", help="do not run the whole-brain segmentation")
+    seg.add_argument("--mc-samples", type=_positive_int, default=15, metavar="N",
+                     help="Monte-Carlo dropout samples per subject for the segmentation QC (default 15)")
 
     other = parser.add_argument_group("other")
     other.add_argument("-v", "--verbose", action="count", default=0,

@@ -151,6 +151,12 @@ def run_participant(config: RunConfig, *, clean_workdir: bool = False) -> int:
 
     template = resolve_template(config.template, home=config.templateflow_home,
                                 registration_resolution=config.preproc.registration_resolution)
+    seg = config.segmentation
+    if seg.active:
+        LOGGER.info("whole-brain segmentation: %d model(s) (%s, %s protocol), %d MC-dropout samples, device %s",
+                    len(seg.checkpoints), seg.origin, seg.protocol, seg.mc_samples, config.device)
+    elif seg.enabled:
+        LOGGER.warning("whole-brain segmentation skipped: %s", seg.reason)
     write_citation(config, versions)
     for run in runs.values():
         preflight(run)
@@ -199,7 +205,8 @@ def _execute(config: RunConfig, template, runs: dict[str, SubjectRun], ready: li
     config.work_dir.mkdir(parents=True, exist_ok=True)
     wf = init_arborseg_wf(subjects=[r.inputs for r in ready], bids_dir=config.bids_dir, output_dir=config.output_dir,
                           work_dir=config.work_dir, template=template, preproc=config.preproc,
-                          omp_nthreads=config.omp_nthreads, random_seed=config.random_seed)
+                          omp_nthreads=config.omp_nthreads, random_seed=config.random_seed,
+                          segmentation=config.segmentation, device=config.device)
     wf.config["execution"].update({"crashdump_dir": str(crash_dir), "crashfile_format": "txt",
                                    "stop_on_first_crash": config.stop_on_first_crash,
                                    "poll_sleep_duration": 0.2})
@@ -231,8 +238,10 @@ def _check_outputs(config: RunConfig, run: SubjectRun) -> None:
     if run.status == "failed":
         return
     ents = source_entities(run.inputs.t1w)
-    ents.update(desc="preproc", suffix="T1w", extension=".nii.gz")
-    if (config.output_dir / derivative_path(ents)).is_file():
+    required = [dict(ents, desc="preproc", suffix="T1w", extension=".nii.gz")]
+    if config.segmentation.active:
+        required.append(dict(ents, segmentation="wholebrain", suffix="qc", extension=".json"))
+    if all((config.output_dir / derivative_path(e)).is_file() for e in required):
         run.status = "success"
     else:
         run.status = "failed"

@@ -37,7 +37,7 @@ def _inside(path: Path, folder: Path) -> bool:
 def build_config(opts, argv: list[str]):
     """Resolve the parsed options into a frozen :class:`RunConfig`; refuse unsafe locations."""
     from ..bids import load_bids_filters, strip_prefix
-    from ..config import PreprocConfig, RunConfig
+    from ..config import PreprocConfig, RunConfig, SegmentationConfig
 
     bids_dir = opts.bids_dir.expanduser().resolve()
     output_dir = opts.output_dir.expanduser().resolve()
@@ -57,7 +57,13 @@ def build_config(opts, argv: list[str]):
     omp = opts.omp_nthreads or min(nprocs, 8)
     if opts.device == "cuda":
         _require_cuda()
+    elif opts.device == "mps":
+        _require_mps()
     preproc = PreprocConfig(voxel_size=opts.voxel_size, denoise=not opts.no_denoise)
+    if opts.analysis_level == "participant" and not opts.reports_only:
+        segmentation = segmentation_config(opts)
+    else:
+        segmentation = SegmentationConfig(enabled=not opts.no_seg, mc_samples=opts.mc_samples)
     return RunConfig(
         bids_dir=bids_dir, output_dir=output_dir, analysis_level=opts.analysis_level, work_dir=work_dir,
         participant_label=strip_prefix(opts.participant_label, "sub-"),
@@ -67,9 +73,31 @@ def build_config(opts, argv: list[str]):
         device=opts.device, random_seed=opts.random_seed, stop_on_first_crash=opts.stop_on_first_crash,
         reports_only=opts.reports_only, template=opts.template,
         templateflow_home=opts.templateflow_home.expanduser().resolve() if opts.templateflow_home else None,
-        verbosity=opts.verbose, preproc=preproc, version=__version__,
+        verbosity=opts.verbose, preproc=preproc, segmentation=segmentation, version=__version__,
         command=" ".join(shlex.quote(a) for a in ["arborseg", *argv]), run_uuid=_run_id(),
     ), opts.clean_workdir
+
+
+def segmentation_config(opts):
+    """The whole-brain branch: ``--no-seg``, ``--seg-models`` (checked now) or the installed models.
+
+    A checkpoint that cannot be used is a :class:`~bids_app.models.checkpoint.ModelError` (exit
+    code 4) before any work. No torch is imported here.
+    """
+    from ..config import SegmentationConfig
+    from ..models.segment import default_wholebrain_models, validate_wholebrain_checkpoints
+
+    if opts.no_seg:
+        return SegmentationConfig(enabled=False, mc_samples=opts.mc_samples)
+    if opts.seg_models:
+        paths, origin = list(opts.seg_models), "--seg-models"
+    else:
+        paths, origin = default_wholebrain_models(), "installed"
+        if not paths:
+            return SegmentationConfig(enabled=True, mc_samples=opts.mc_samples)
+    manifests, protocol = validate_wholebrain_checkpoints(paths)
+    return SegmentationConfig(enabled=True, checkpoints=tuple(manifests), origin=origin, protocol=protocol,
+                              mc_samples=opts.mc_samples)
 
 
 def _run_id() -> str:
@@ -85,6 +113,18 @@ def _require_cuda() -> None:
 
     if not torch.cuda.is_available():
         raise ResourceError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu or auto")
+
+
+def _require_mps() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        raise ResourceError("--device mps: PyTorch is not installed; use --device cpu")
+    import torch
+
+    mps = getattr(torch.backends, "mps", None)
+    if mps is None or not mps.is_available():
+        raise ResourceError("--device mps: Apple MPS is not available to PyTorch; use --device cpu or auto")
 
 
 def main(argv: list[str] | None = None) -> int:

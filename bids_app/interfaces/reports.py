@@ -119,3 +119,54 @@ class CropBoxRPT(SimpleInterface):
         plot_crop_box(_load(self.inputs.in_file), self.inputs.box_mm, out, title=self.inputs.title or None)
         self._results["out_report"] = out
         return runtime
+
+
+class _SegmentationInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="anatomical image")
+    dseg = File(exists=True, mandatory=True, desc="label image")
+    protocol = Str(mandatory=True, desc="label protocol of dseg: its colour column colours the outlines")
+    title = Str("", usedefault=True)
+
+
+class SegmentationRPT(SimpleInterface):
+    """Outlines of every structure, in the protocol's colours, on the anatomical mosaic."""
+
+    input_spec = _SegmentationInputSpec
+    output_spec = _ReportOutputSpec
+
+    def _run_interface(self, runtime):
+        from ..core.labels import load_protocol
+        from ..reports.reportlets import plot_segmentation
+
+        protocol = load_protocol(self.inputs.protocol)
+        colors = {int(i): c for i, c in zip(protocol.indices, protocol.colors) if c}
+        out = os.path.abspath("segmentation.svg")
+        plot_segmentation(_load(self.inputs.in_file), _load(self.inputs.dseg), out, colors=colors,
+                          title=self.inputs.title or None)
+        self._results["out_report"] = out
+        return runtime
+
+
+class _MapInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="parametric map")
+    bbox_file = File(exists=True, desc="mask whose bounding box the slices span")
+    cmap = Str("inferno", usedefault=True)
+    unit = Str("", usedefault=True)
+    title = Str("", usedefault=True)
+
+
+class MapRPT(SimpleInterface):
+    """Mosaic of a parametric map (e.g. the segmentation entropy) in a colour map."""
+
+    input_spec = _MapInputSpec
+    output_spec = _ReportOutputSpec
+
+    def _run_interface(self, runtime):
+        from ..reports.reportlets import plot_map
+
+        out = os.path.abspath("map.svg")
+        bbox = _load(self.inputs.bbox_file) if self.inputs.bbox_file else None
+        plot_map(_load(self.inputs.in_file), out, cmap=self.inputs.cmap, unit=self.inputs.unit,
+                 title=self.inputs.title or None, bbox_from=bbox)
+        self._results["out_report"] = out
+        return runtime

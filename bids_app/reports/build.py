@@ -30,11 +30,23 @@ REPORTLETS: tuple[tuple[str, dict[str, Any], str], ...] = (
      "The box cut out for the cerebellum branch, on the subject in {template} space."),
 )
 
+#: Reportlets of the whole-brain segmentation section: (entities, caption).
+SEGMENTATION_REPORTLETS: tuple[tuple[dict[str, Any], str], ...] = (
+    ({"segmentation": "wholebrain", "suffix": "dseg"},
+     "Outlines of the whole-brain structures (aseg protocol, FreeSurfer colours) on the preprocessed T1w, "
+     "in the conformed T1w space."),
+    ({"segmentation": "wholebrain", "desc": "entropy", "suffix": "uncertainty"},
+     "Voxel-wise predictive entropy of the Monte-Carlo dropout ensemble (nats): bright where the networks are "
+     "unsure, normally only along boundaries between structures."),
+)
+#: protocols whose volumes are copied into the record, in this order
+RECORD_SEGMENTATIONS = ("wholebrain", "cerebrum7", "dkt")
+
 
 def software_versions() -> list[dict[str, str]]:
     names = [("ArborSeg", "arborseg"), ("Nipype", "nipype"), ("ANTsPy", "antspyx"), ("PyBIDS", "pybids"),
              ("NiBabel", "nibabel"), ("NumPy", "numpy"), ("SciPy", "scipy"), ("TemplateFlow", "templateflow"),
-             ("Matplotlib", "matplotlib"), ("Jinja2", "jinja2")]
+             ("Matplotlib", "matplotlib"), ("Jinja2", "jinja2"), ("PyTorch", "torch")]
     out = [{"name": "Python", "version": platform.python_version()}]
     for label, dist in names:
         try:
@@ -60,7 +72,43 @@ def boilerplate(config, versions) -> str:
         pybids=_version_of(versions, "PyBIDS"), templateflow=_version_of(versions, "TemplateFlow"),
         voxel_size=p.voxel_size, denoise_sentence=denoise, n4_shrink=p.n4_shrink_factor,
         n4_iterations="x".join(str(i) for i in p.n4_iterations), n4_spline=p.n4_spline_distance_mm,
-        template=config.template, percentile=p.normalise_percentile, box=f"x, y, z: {box}")
+        template=config.template, percentile=p.normalise_percentile, box=f"x, y, z: {box}"
+    ) + _segmentation_methods(config)
+
+
+SEGMENTATION_REFERENCES = (
+    "- Gal Y, Ghahramani Z (2016) Dropout as a Bayesian approximation: representing model uncertainty in deep "
+    "learning. Proc ICML, PMLR 48:1050-1059.\n"
+    "- Roy AG, Conjeti S, Navab N, Wachinger C (2019) Bayesian QuickNAT: model uncertainty in deep whole-brain "
+    "segmentation for structure-wise quality control. NeuroImage 195:11-22.\n"
+    "- Zopes J, Platscher M, Paganucci S, Federau C (2021) Multi-modal segmentation of 3D brain scans using neural "
+    "networks. Front Neurol 12:653375.\n"
+)
+
+
+def _segmentation_methods(config) -> str:
+    """The whole-brain segmentation paragraph of the methods (empty when the branch does not run)."""
+    seg = getattr(config, "segmentation", None)
+    if seg is None or not seg.active:
+        return ""
+    from ..models.segment import read_manifests
+
+    manifests = read_manifests(seg.checkpoints)
+    names = ", ".join(f"{m['name']} {m['version']} ({m['architecture']})" for m in manifests)
+    voxels = sorted({str(m["voxel_size_mm"]) for m in manifests})
+    return (
+        f"\nWhole-brain structures were segmented with an ensemble of {len(manifests)} 3D convolutional network(s) "
+        f"({names}; {seg.protocol} label protocol) applied to the preprocessed T1w restricted to the intracranial "
+        f"mask and resampled to the networks' {' and '.join(voxels)} mm grid (block mean). Uncertainty was "
+        f"estimated with Monte-Carlo dropout (Gal and Ghahramani 2016; {seg.mc_samples} samples, seed "
+        f"{config.random_seed}), following Zopes et al. (2021) and Bayesian QuickNAT (Roy et al. 2019): the labels "
+        "are the argmax of the mean softmax, brought back to the T1w grid with trilinear interpolation; the "
+        "voxel-wise predictive entropy maps the uncertainty; and the coefficient of variation (CV) of each "
+        "structure's volume over the samples was computed, with a segmentation flagged when the mean CV over the "
+        "structures exceeds 1 % (T1w). Labels were merged into the aseg and CEREBRUM 7-class protocols and "
+        "resampled to the grid of the raw T1w with nearest-neighbour interpolation; volumes were counted on the "
+        "T1w grid.\n\nSegmentation references\n" + SEGMENTATION_REFERENCES
+    )
 
 
 def write_citation(config, versions) -> Path:
@@ -110,12 +158,52 @@ def write_record(config, run, *, versions, template: str) -> dict:
         "source_file": str(inputs.t1w) if inputs.t1w else None, "template": template,
         "runtimes": [{"stage": k, "seconds": round(v, 2)} for k, v in run.stage_seconds.items()],
         "metrics": _metrics(config.output_dir, str(inputs.t1w), template) if run.status == "success" else {},
+        "segmentation": _segmentation_record(config, str(inputs.t1w) if inputs.t1w else None, run.status),
         "version": config.version, "command": config.command, "run_uuid": config.run_uuid,
         "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "software": versions,
         "bids_dir": str(config.bids_dir),
     }
+    seg = record["segmentation"]
+    if seg.get("mean_cv_percent") is not None:
+        record["metrics"]["seg_mean_cv_percent"] = round(float(seg["mean_cv_percent"]), 4)
     atomic_write_json(_record_path(config.output_dir, inputs.label), record)
     return record
+
+
+def _derivative(output_dir: Path, source_file: str, **entities) -> Path:
+    ents = source_entities(source_file)
+    ents.update(entities)
+    return Path(output_dir) / derivative_path(ents)
+
+
+def _segmentation_record(config, source_file: str | None, status: str) -> dict:
+    """What the whole-brain branch did for one subject: QC summary and volumes (from the derivatives)."""
+    from ..core.morphometry import read_morphometry_tsv
+
+    seg = getattr(config, "segmentation", None)
+    if seg is None:
+        return {"status": "off", "reason": "not configured"}
+    if not seg.enabled:
+        return {"status": "off", "reason": seg.reason}
+    if not seg.active:
+        return {"status": "skipped", "reason": seg.reason}
+    qc_path = _derivative(config.output_dir, source_file, segmentation="wholebrain", suffix="qc",
+                          extension=".json") if source_file else None
+    if status != "success" or qc_path is None or not qc_path.is_file():
+        return {"status": "failed" if status != "success" else "missing", "reason": "no segmentation outputs"}
+    qc = json.loads(qc_path.read_text())
+    volumes = {}
+    for name in RECORD_SEGMENTATIONS:
+        path = _derivative(config.output_dir, source_file, segmentation=name, suffix="morph", extension=".tsv")
+        if path.is_file():
+            volumes[name] = read_morphometry_tsv(path)
+    return {
+        "status": "done", "models": [m.get("Name") for m in qc.get("Models", [])], "label_protocol":
+        qc.get("LabelProtocol"), "mc_samples": qc.get("MCSamples"), "seed": qc.get("Seed"),
+        "mean_cv_percent": qc.get("MeanCVPercent"), "qc_threshold_percent": qc.get("QCThresholdPercent"),
+        "qc_flag": qc.get("QCFlag"), "deep14_mean_cv_percent": qc.get("Deep14MeanCVPercent"),
+        "icv_ml": qc.get("ICVML"), "qc_file": str(qc_path.relative_to(config.output_dir)), "volumes": volumes,
+    }
 
 
 METRIC_LABELS = {
@@ -124,7 +212,69 @@ METRIC_LABELS = {
     "brain_icv_ratio": ("Brain / intracranial volume", ""),
     "registration_ncc": ("Correlation with the template after registration", ""),
     "runtime_s": ("Run time", "s"),
+    "seg_mean_cv_percent": ("Segmentation: mean volume CV over MC-dropout samples", "%"),
 }
+
+
+def _fmt(value, digits: int = 2, scale: float = 1.0) -> str:
+    if value is None:
+        return "n/a"
+    try:
+        return f"{float(value) * scale:.{digits}f}"
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def segmentation_section(output_dir: Path, record: dict) -> dict | None:
+    """The "Whole-brain segmentation" section: outlines, entropy, volume/QC table; None when switched off."""
+    seg = record.get("segmentation") or {}
+    status = seg.get("status")
+    if status in (None, "off"):
+        return None
+    section: dict[str, Any] = {"title": "Whole-brain segmentation", "reportlets": []}
+    if status == "skipped":
+        section["description"] = f"Not run: {seg.get('reason') or 'no models'}."
+        return section
+    if status != "done":
+        section["description"] = "The segmentation did not finish (see the errors)."
+        return section
+    flag = str(seg.get("qc_flag") or "n/a")
+
+    def percent(value) -> str:
+        return "undefined" if value is None else f"{_fmt(value, 3)} %"
+
+    section["description"] = (
+        f"Ensemble of {len(seg.get('models') or [])} model(s) ({', '.join(map(str, seg.get('models') or []))}), "
+        f"{seg.get('label_protocol')} protocol, {seg.get('mc_samples')} Monte-Carlo dropout samples (seed "
+        f"{seg.get('seed')}). Mean volume CV {percent(seg.get('mean_cv_percent'))} against a threshold of "
+        f"{_fmt(seg.get('qc_threshold_percent'))} %: QC {flag.upper()}. Deep grey matter (14 structures): mean CV "
+        f"{percent(seg.get('deep14_mean_cv_percent'))}.")
+    section["qc_flag"] = flag
+    source = record.get("source_file")
+    if source:
+        for ents, caption in SEGMENTATION_REPORTLETS:
+            ents = dict(ents)
+            ents.update(source_entities(source), datatype="figures", extension=".svg")
+            rel = derivative_path(ents)
+            if (Path(output_dir) / rel).is_file():
+                section["reportlets"].append({"path": rel, "caption": caption})
+    rows = []
+    for row in (seg.get("volumes") or {}).get("wholebrain", []):
+        rows.append({
+            "cells": [row.get("name"), _fmt(row.get("volume_mm3"), 2, 1e-3),
+                      _fmt(row.get("volume_icv_fraction"), 3, 100), _fmt(row.get("asymmetry_index"), 3),
+                      _fmt(row.get("mc_cv_percent"), 2), row.get("qc_flag") or "n/a"],
+            "flagged": row.get("qc_flag") == "warn",
+        })
+    section["table"] = {
+        "caption": "Volumes of the aseg structures (counted on the conformed T1w grid) with their MC-dropout QC. "
+                   "AI: asymmetry index (L - R) / mean, on both rows of a pair. Rows whose volume CV exceeds the "
+                   "threshold (or that are absent from every sample) are highlighted.",
+        "columns": ["Structure", "Volume (mL)", "% ICV", "AI", "CV (%)", "QC"],
+        "numeric": [False, True, True, True, True, False],
+        "rows": rows,
+    }
+    return section
 
 
 def subject_context(output_dir: Path, record: dict) -> dict:
@@ -141,6 +291,9 @@ def subject_context(output_dir: Path, record: dict) -> dict:
             if (output_dir / rel).is_file():
                 sections.append({"title": title, "reportlets": [{"path": rel,
                                                                   "caption": caption.format(template=template)}]})
+    seg_section = segmentation_section(output_dir, record)
+    if seg_section is not None:
+        sections.append(seg_section)
     citation = output_dir / "logs" / "CITATION.md"
     inputs = []
     for item in record.get("inputs", []):

@@ -240,6 +240,24 @@ def _figure(out_dir: Path, fig: Mapping | str) -> dict:
 
 
 # ----------------------------------------------------------------- subject context
+def _table(table: Any) -> dict | None:
+    """A section table: ``{caption, columns, numeric: [bool], rows: [{cells, flagged}]}`` (cells as text)."""
+    if not isinstance(table, Mapping) or not table.get("columns"):
+        return None
+    columns = [str(c) for c in _list(table.get("columns"))]
+    numeric = [bool(x) for x in _list(table.get("numeric"))] + [False] * len(columns)
+    rows = []
+    for row in _list(table.get("rows")):
+        if isinstance(row, Mapping):
+            cells, flagged = _list(row.get("cells")), bool(row.get("flagged"))
+        else:
+            cells, flagged = _list(row), False
+        rows.append({"cells": [("" if c is None else (c if isinstance(c, str) else format_value(c))) for c in cells],
+                     "flagged": flagged})
+    return {"caption": str(table.get("caption") or ""), "columns": columns, "numeric": numeric[: len(columns)],
+            "rows": rows, "n_flagged": sum(r["flagged"] for r in rows)}
+
+
 def _subject_view(context: Mapping[str, Any], out_dir: Path) -> dict:
     from bids_app import __version__
 
@@ -283,6 +301,7 @@ def _subject_view(context: Mapping[str, Any], out_dir: Path) -> dict:
                 "title": sec_title,
                 "description": sec.get("description") or "",
                 "reportlets": [_figure(out_dir, r) for r in _list(sec.get("reportlets")) if r],
+                "table": _table(sec.get("table")),
             }
         )
 
@@ -456,7 +475,8 @@ def render_subject_report(context: Mapping[str, Any], out_file: str | os.PathLik
         error: str | None               headline of the failure
         errors: [str]                   crash texts, shown in the Errors section
         inputs: [{path, suffix, shape, voxel_size, orientation, datatype, used, note}]
-        sections: [{title, description?, reportlets: [{path, caption, title?, interactive?}]}]
+        sections: [{title, description?, reportlets: [{path, caption, title?, interactive?}],
+                    table?: {caption, columns, numeric: [bool], rows: [{cells, flagged}]}}]
         metrics: [{name, value, unit}]
         runtimes: [{stage, seconds}]
         software: [{name, version}]

@@ -31,7 +31,7 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 from xml.sax.saxutils import escape as _xml_escape
 
 import nibabel as nb
@@ -44,8 +44,11 @@ __all__ = [
     "plot_before_after",
     "plot_crop_box",
     "plot_group_strip",
+    "plot_group_structures",
+    "plot_map",
     "plot_mosaic",
     "plot_registration",
+    "plot_segmentation",
 ]
 
 #: Caption-ready statement of the display convention used by the slice figures.
@@ -256,6 +259,11 @@ class _Contour:
     color: str
     label: str | None
     linewidth: float = 0.9
+    value: int | None = None  # set: ``data`` is a label image and the contour is that of ``data == value``
+
+    def plane(self, vol: "_Volume", view: str, index: int) -> np.ndarray:
+        plane = vol.plane(self.data, view, index)
+        return plane if self.value is None else (plane == self.value).astype(np.float32)
 
 
 def _mask_contours(contours: Iterable[Sequence[Any]], vol: _Volume) -> list[_Contour]:
@@ -480,6 +488,7 @@ class _Mosaic:
     cuts: dict[str, list[int]]
     crop: list[tuple[float, float]]
     contours: list[_Contour]
+    cmap: str = "gray"
 
     def row_heights(self, width_in: float) -> list[float]:
         n = max(len(c) for c in self.cuts.values())
@@ -522,7 +531,7 @@ class _Mosaic:
                 extent = self.vol.extent(view)
                 ax.imshow(
                     self.vol.plane(self.vol.data, view, idx),
-                    cmap="gray",
+                    cmap=self.cmap,
                     vmin=lo,
                     vmax=hi,
                     origin="lower",
@@ -533,7 +542,7 @@ class _Mosaic:
                 for k, cont in enumerate(self.contours):
                     _draw_contour(
                         ax,
-                        self.vol.plane(cont.data, view, idx),
+                        cont.plane(self.vol, view, idx),
                         self.vol.coords[h],
                         self.vol.coords[v],
                         cont,
@@ -571,6 +580,7 @@ def _make_mosaic(
     contours: list[_Contour],
     bbox_data: np.ndarray | None,
     window: tuple[float, float] | None = None,
+    cmap: str = "gray",
 ) -> _Mosaic:
     views = tuple(views)
     if not views:
@@ -584,7 +594,8 @@ def _make_mosaic(
     window = window or _robust_window(vol.data)
     box = _content_box(vol, window, bbox_data)
     cuts = {view: _cuts(box[_VIEW_AXES[view][0]], n_cuts) for view in views}
-    return _Mosaic(vol=vol, window=window, views=views, cuts=cuts, crop=_crop_mm(vol, box), contours=contours)
+    return _Mosaic(vol=vol, window=window, views=views, cuts=cuts, crop=_crop_mm(vol, box), contours=contours,
+                   cmap=cmap)
 
 
 _TITLE_IN = 0.34
@@ -647,6 +658,76 @@ def plot_mosaic(
     bbox_data = _on_grid(bbox_from, vol, order=0) if bbox_from is not None else None
     mosaic = _make_mosaic(vol, n_cuts=n_cuts, views=views, contours=conts, bbox_data=bbox_data)
     fig = _single_mosaic_figure(mosaic, title)
+    return _write_figure(fig, out_file)
+
+
+def plot_segmentation(
+    image: Any,
+    dseg: Any,
+    out_file: str | os.PathLike,
+    *,
+    colors: Mapping[int, str],
+    n_cuts: int = 6,
+    views: Sequence[str] = VIEWS,
+    title: str | None = None,
+    bbox_from: Any = None,
+    default_color: str = "#ffd60a",
+) -> Path:
+    """Outlines of every structure of a label image (``dseg``) on ``image``, one colour per label value.
+
+    ``colors`` maps label values to colours (e.g. the ``color`` column of a protocol's
+    ``dseg.tsv``); values without one use ``default_color``; 0 is background. The label image
+    is resampled (nearest neighbour) onto the image grid when the grids differ; the slices span
+    the bounding box of ``bbox_from`` or, without it, of the labelled voxels.
+    """
+    out_file = Path(out_file)
+    _fmt(out_file)
+    vol = _volume(image)
+    labels = np.rint(_on_grid(dseg, vol, order=0)).astype(np.int32)
+    values = [int(v) for v in np.unique(labels) if v != 0]
+    conts = [_Contour(data=labels, level=0.5, color=str(colors.get(v) or default_color), label=None,
+                      linewidth=0.7, value=v) for v in values]
+    if not values:
+        LOGGER.warning("plot_segmentation: the label image is empty")
+    bbox_data = _on_grid(bbox_from, vol, order=0) if bbox_from is not None else (labels > 0).astype(np.float32)
+    mosaic = _make_mosaic(vol, n_cuts=n_cuts, views=views, contours=conts, bbox_data=bbox_data)
+    fig = _single_mosaic_figure(mosaic, title)
+    return _write_figure(fig, out_file)
+
+
+def plot_map(
+    image: Any,
+    out_file: str | os.PathLike,
+    *,
+    cmap: str = "inferno",
+    window: tuple[float, float] | None = None,
+    unit: str = "",
+    n_cuts: int = 6,
+    views: Sequence[str] = VIEWS,
+    title: str | None = None,
+    bbox_from: Any = None,
+) -> Path:
+    """Mosaic of a parametric map (entropy, probability...) in a colour map.
+
+    ``window`` defaults to 0 .. the 99.5th percentile of the nonzero voxels; the footer states
+    the colour range (with ``unit``).
+    """
+    out_file = Path(out_file)
+    _fmt(out_file)
+    vol = _volume(image)
+    if window is None:
+        window = (0.0, _robust_window(vol.data)[1])
+    bbox_data = _on_grid(bbox_from, vol, order=0) if bbox_from is not None else None
+    mosaic = _make_mosaic(vol, n_cuts=n_cuts, views=views, contours=[], bbox_data=bbox_data, window=window, cmap=cmap)
+    has_header = bool(title)
+    top = _TITLE_IN if has_header else 0.08
+    fig_h = top + mosaic.height(_FIG_WIDTH_IN) + _FOOTER_IN
+    fig = _new_figure(_FIG_WIDTH_IN, fig_h)
+    _header(fig, fig_h, title, [])
+    mosaic.draw(fig, top, fig_h, _FIG_WIDTH_IN, gid="mosaic")
+    lo, hi = window
+    _footer(fig, fig_h, f"{cmap} colour scale from {lo:.3g} (dark) to {hi:.3g}{' ' + unit if unit else ''} (bright); "
+            "neurological convention: L = subject's left")
     return _write_figure(fig, out_file)
 
 
@@ -987,6 +1068,124 @@ def plot_group_strip(
         for gid, text in titles.items():
             svg = svg.replace(f'<g id="{gid}">', f'<g id="{gid}">\n<title>{_xml_escape(text)}</title>', 1)
         # links open in the page that shows the figure, not in a new tab or the <object> box
+        return svg.replace('target="_blank"', 'target="_top"')
+
+    if fmt == "png":
+        return _write_figure(fig, out_file)
+    return _write_figure(fig, out_file, postprocess=post)
+
+
+QC_FLAG_COLOR = "#ff3b30"
+
+
+def plot_group_structures(
+    rows: Sequence[dict],
+    structures: Sequence[tuple[str, str]],
+    out_file: str | os.PathLike,
+    *,
+    label_key: str = "label",
+    link_key: str = "report",
+    flag_key: str | None = None,
+    title: str | None = None,
+) -> Path:
+    """One strip per structure (a row each): every subject's volume relative to the group median.
+
+    ``structures`` is ``[(key, display name), ...]``; ``row[key]`` is a volume (rows without a
+    number are skipped for that structure). The x axis is ``100 * (value / median - 1)`` %, so
+    structures of very different sizes share one axis. Points beyond 1.5 IQR from the quartiles
+    of their structure are drawn in orange and labelled; subjects with ``row[flag_key] ==
+    "warn"`` (segmentation QC) get a red diamond. In SVG output points link to
+    ``row[link_key]`` and carry a tooltip.
+    """
+    from matplotlib.lines import Line2D
+
+    out_file = Path(out_file)
+    fmt = _fmt(out_file)
+    n = max(len(structures), 1)
+    row_in = 0.32
+    fig_h = 0.75 + n * row_in + 0.55
+    fig = _new_figure(_FIG_WIDTH_IN, fig_h)
+    left = 2.1 / _FIG_WIDTH_IN
+    ax = fig.add_axes((left, 0.55 / fig_h, 0.96 - left, n * row_in / fig_h))
+    ax.set_facecolor(BG)
+    ax.set_gid("structures-axes")
+    for name, spine in ax.spines.items():
+        spine.set_visible(name == "bottom")
+        spine.set_color(MUTED)
+    ax.tick_params(axis="x", colors=FG, labelsize=_FONT)
+    ax.tick_params(axis="y", colors=FG, labelsize=_FONT, length=0)
+    ax.set_yticks(range(n))
+    ax.set_yticklabels([name for _, name in structures] or [""])
+    ax.set_ylim(n - 0.5, -0.5)
+    ax.axvline(0.0, color=MUTED, lw=0.8, zorder=1)
+    ax.set_xlabel("volume relative to the group median (%)", color=FG, fontsize=_FONT + 1)
+    fig.text(0.02, 1 - 0.1 / fig_h, title or "Structure volumes", ha="left", va="top", color=FG,
+             fontsize=_FONT + 2, fontweight="bold")
+    titles: dict[str, str] = {}
+    rng = np.random.default_rng(12345)
+    all_rel: list[float] = []
+    n_points = n_out = n_flag = 0
+    for s_i, (key, name) in enumerate(structures):
+        pts = []
+        for i, row in enumerate(rows):
+            val = _as_float(row.get(key))
+            if val is None:
+                continue
+            link = row.get(link_key)
+            flagged = bool(flag_key) and str(row.get(flag_key) or "").lower() == "warn"
+            pts.append((val, str(row.get(label_key) or f"row {i + 1}"), None if link in (None, "") else str(link),
+                        flagged))
+        if not pts:
+            continue
+        vals = np.array([p[0] for p in pts])
+        med = float(np.median(vals))
+        rel = 100.0 * (vals / med - 1.0) if med > 0 else np.zeros_like(vals)
+        q1, q3 = np.percentile(rel, [25, 75])
+        iqr = q3 - q1
+        low_f, high_f = q1 - 1.5 * iqr, q3 + 1.5 * iqr
+        ax.plot([q1, q3], [s_i, s_i], color="#2a3140", lw=7, solid_capstyle="butt", zorder=0)
+        jitter = rng.uniform(-0.25, 0.25, size=len(pts))
+        for j, ((val, label, link, flagged), r, yj) in enumerate(zip(pts, rel, jitter)):
+            outlier = bool(r < low_f or r > high_f)
+            n_points += 1
+            n_out += outlier
+            n_flag += flagged
+            (line,) = ax.plot([r], [s_i + yj], marker="D" if flagged else "o", linestyle="none",
+                              markersize=6 if flagged else 5, color=OUTLIER_COLOR if outlier else POINT_COLOR,
+                              markeredgecolor=QC_FLAG_COLOR if flagged else FG,
+                              markeredgewidth=1.4 if flagged else 0.4, zorder=3)
+            gid = f"structure-point-{s_i}-{j}"
+            line.set_gid(gid)
+            if link:
+                line.set_url(link)
+            titles[gid] = (f"{label}: {name} {val:.6g} ({r:+.1f}% of the median)" + (" (outlier)" if outlier else "")
+                           + (" (segmentation QC: warn)" if flagged else ""))
+            if outlier:
+                ax.annotate(label, (r, s_i + yj), xytext=(4, 3), textcoords="offset points", color=OUTLIER_COLOR,
+                            fontsize=_FONT - 1)
+            all_rel.append(float(r))
+    if all_rel:
+        lo, hi = min(all_rel), max(all_rel)
+        span = (hi - lo) or 2.0
+        ax.set_xlim(lo - 0.08 * span, hi + 0.08 * span)
+    else:
+        ax.text(0.5, 0.5, "no values", transform=ax.transAxes, ha="center", va="center", color=MUTED,
+                fontsize=_FONT + 1)
+    handles = [Line2D([], [], marker="o", linestyle="none", color=POINT_COLOR, markeredgecolor=FG, label="subject"),
+               Line2D([], [], marker="o", linestyle="none", color=OUTLIER_COLOR, markeredgecolor=FG,
+                      label="outlier (1.5 IQR)"),
+               Line2D([], [], marker="D", linestyle="none", color=POINT_COLOR, markeredgecolor=QC_FLAG_COLOR,
+                      markeredgewidth=1.4, label="segmentation QC: warn")]
+    leg = fig.legend(handles=handles, loc="upper right", bbox_to_anchor=(0.98, 1 - 0.05 / fig_h), ncol=3,
+                     frameon=False, fontsize=_FONT, labelcolor=FG)
+    leg.set_gid("structures-legend")
+    fig.text(0.02, 0.04, f"{n_points} values, {n_out} outliers, {n_flag} from QC-flagged segmentations. Shaded: "
+             "interquartile range. Click a point to open its report.", ha="left", va="bottom", color=MUTED,
+             fontsize=_FONT - 1)
+
+    def post(svg: str) -> str:
+        for gid, text in titles.items():
+            svg = svg.replace(f'<g id="{gid}">', f'<g id="{gid}">\n<title>{_xml_escape(text)}</title>', 1)
         return svg.replace('target="_blank"', 'target="_top"')
 
     if fmt == "png":

@@ -206,3 +206,26 @@ def test_four_d_t1w_uses_first_volume(tmp_path):
     preflight(run)
     assert run.status == "pending"
     assert any("4D image with 3 volumes; using the first volume" in w for w in run.warnings)
+
+
+def test_bad_seg_models_fail_before_any_work(tmp_path, capsys, make_bids, phantom_templateflow):
+    bids = make_bids({"01": {"T1w": blob_volume()}})
+    out = tmp_path / "out"
+    code, err = _run([bids, out, "participant", "--seg-models", tmp_path / "missing.json",
+                      *_common(tmp_path, phantom_templateflow)], capsys)
+    assert code == EXIT_RESOURCE
+    errors = _error_lines(err)
+    assert len(errors) == 1 and "missing" in errors[0] and "no such model checkpoint" in errors[0]
+    assert not out.exists() and not (tmp_path / "work").exists()
+    pickled = tmp_path / "model.pt"
+    pickled.write_bytes(b"\x80\x04K\x01.")
+    code, err = _run([bids, out, "participant", "--seg-models", pickled, *_common(tmp_path, phantom_templateflow)],
+                     capsys)
+    assert code == EXIT_RESOURCE and "pickle-based checkpoints" in err and not out.exists()
+
+
+def test_seg_usage_errors(tmp_path):
+    for extra in (["--seg-models", str(tmp_path / "m.json"), "--no-seg"], ["--mc-samples", "0"]):
+        with pytest.raises(SystemExit) as exc:
+            main([str(tmp_path), str(tmp_path / "o"), "participant", *extra])
+        assert exc.value.code == EXIT_USAGE

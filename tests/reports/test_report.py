@@ -229,3 +229,51 @@ def test_group_report_ids_do_not_clash(tmp_path):
 def test_group_report_minimal(tmp_path):
     html = rp.render_group_report({"rows": [{"subject": "01", "status": "failed"}]}, tmp_path / "g.html").read_text()
     assert "sub-01" in html and 'class="failed"' in html
+
+
+# ---------------------------------------------------------------- segmentation
+def _seg_record(status="done"):
+    rows = [{"index": 17, "name": "Left-Hippocampus", "volume_mm3": 4012.0, "volume_icv_fraction": 0.0027,
+             "asymmetry_index": 0.031, "mc_cv_percent": 0.4, "qc_flag": "pass"},
+            {"index": 53, "name": "Right-Hippocampus", "volume_mm3": 3890.0, "volume_icv_fraction": 0.0026,
+             "asymmetry_index": 0.031, "mc_cv_percent": 1.7, "qc_flag": "warn"},
+            {"index": 16, "name": "Brain-Stem <b>", "volume_mm3": 21000.0, "volume_icv_fraction": 0.014,
+             "asymmetry_index": None, "mc_cv_percent": None, "qc_flag": "warn"}]
+    seg = {"status": status, "models": ["unet-a", "unet-b"], "label_protocol": "aseg", "mc_samples": 15, "seed": 42,
+           "mean_cv_percent": 0.83, "qc_threshold_percent": 1.0, "qc_flag": "pass",
+           "deep14_mean_cv_percent": 0.91, "volumes": {"wholebrain": rows}}
+    if status == "skipped":
+        seg = {"status": "skipped", "reason": "no whole-brain segmentation models are installed"}
+    return {"label": "sub-01", "subject": "01", "status": "success", "segmentation": seg}
+
+
+def test_segmentation_section_table(tmp_path):
+    from bids_app.reports.build import segmentation_section
+
+    section = segmentation_section(tmp_path, _seg_record())
+    assert section["title"] == "Whole-brain segmentation"
+    assert "unet-a, unet-b" in section["description"] and "QC PASS" in section["description"]
+    table = section["table"]
+    assert table["columns"] == ["Structure", "Volume (mL)", "% ICV", "AI", "CV (%)", "QC"]
+    assert table["rows"][0]["cells"] == ["Left-Hippocampus", "4.01", "0.270", "0.031", "0.40", "pass"]
+    assert [r["flagged"] for r in table["rows"]] == [False, True, True]
+    assert table["rows"][2]["cells"][3:5] == ["n/a", "n/a"]
+    ctx = _subject_context()
+    ctx["sections"] = [section]
+    html = rp.render_subject_report(ctx, tmp_path / "sub-01.html").read_text()
+    assert 'class="seg-table"' in html and html.count('<tr class="flagged">') == 2
+    assert "Brain-Stem &lt;b&gt;" in html and "2 of 3 rows flagged" in html
+
+
+def test_segmentation_section_skipped_and_off(tmp_path):
+    from bids_app.reports.build import segmentation_section
+
+    skipped = segmentation_section(tmp_path, _seg_record("skipped"))
+    assert skipped["description"].startswith("Not run: no whole-brain") and "table" not in skipped
+    ctx = _subject_context()
+    ctx["sections"] = [skipped]
+    html = rp.render_subject_report(ctx, tmp_path / "sub-01.html").read_text()
+    assert "Not run: no whole-brain segmentation models are installed" in html
+    assert "No figures in this section" not in html
+    assert segmentation_section(tmp_path, {"segmentation": {"status": "off", "reason": "--no-seg"}}) is None
+    assert segmentation_section(tmp_path, {}) is None

@@ -317,3 +317,68 @@ def test_svg_resolution_is_lowered_to_meet_the_size_budget(tmp_path, monkeypatch
     assert "retrying" in caplog.text
     assert out.stat().st_size <= 120_000
     _svg_root(out)
+
+
+# ------------------------------------------------------------------ segmentation
+def _dseg_of(img):
+    """Two labelled halves of the blob (values 17 and 53) and a third label (16) that is never drawn empty."""
+    data = img.get_fdata()
+    labels = np.zeros(img.shape, np.int16)
+    inside = data > 50
+    half = np.indices(img.shape)[0] < img.shape[0] // 2
+    labels[inside & half] = 17
+    labels[inside & ~half] = 53
+    return nb.Nifti1Image(labels, img.affine)
+
+
+@pytest.mark.parametrize("name", ["ras-iso", "las-aniso"])
+def test_plot_segmentation_outlines_every_label(tmp_path, name):
+    img = _blob(AFFINES[name])
+    out = rl.plot_segmentation(img, _dseg_of(img), tmp_path / "seg.svg", colors={17: "#dcd814", 53: "#67ffff"},
+                               title="segmentation")
+    root = _svg_root(out)
+    contours = _groups(root, "mosaic-contour-")
+    assert {g.get("id").split("-")[2] for g in contours} == {"0", "1"}  # one contour per label value
+    text = out.read_text()
+    assert "#dcd814" in text and "#67ffff" in text
+    _no_temp_files(tmp_path)
+
+
+def test_plot_segmentation_on_another_grid_and_empty(tmp_path, caplog):
+    img = _blob(AFFINES["ras-iso"])
+    coarse = _blob(_affine(zooms=(2.0, 2.0, 2.0), shape=(10, 12, 9)))
+    _svg_root(rl.plot_segmentation(img, _dseg_of(coarse), tmp_path / "grid.svg", colors={}))
+    empty = nb.Nifti1Image(np.zeros(SHAPE, np.int16), img.affine)
+    with caplog.at_level(logging.WARNING):
+        _svg_root(rl.plot_segmentation(img, empty, tmp_path / "empty.svg", colors={}))
+    assert "empty" in caplog.text
+
+
+def test_plot_map_uses_a_colour_map(tmp_path):
+    img = _blob(AFFINES["ras-iso"])
+    out = rl.plot_map(img, tmp_path / "map.svg", cmap="inferno", unit="nats", title="entropy",
+                      bbox_from=_mask_of(img))
+    root = _svg_root(out)
+    assert len(list(root.iter(f"{SVG_NS}image"))) == 18
+    assert "inferno colour scale from 0" in out.read_text() and "nats" in out.read_text()
+    _assert_png(rl.plot_map(img, tmp_path / "map.png"))
+
+
+def test_plot_group_structures(tmp_path):
+    rows = [{"label": f"sub-{i:02d}", "report": f"sub-{i:02d}.html", "A": 100.0 + i, "B": 5.0 + 0.1 * i,
+             "flag": "warn" if i == 3 else "pass"} for i in range(8)]
+    rows.append({"label": "sub-99", "report": "sub-99.html", "A": 400.0, "B": None, "flag": "pass"})
+    out = rl.plot_group_structures(rows, [("A", "Structure A"), ("B", "Structure B")], tmp_path / "fam.svg",
+                                   flag_key="flag", title="family")
+    root = _svg_root(out)
+    points = _groups(root, "structure-point-")
+    assert len(points) == 9 + 8
+    hrefs = [a.get(XLINK_HREF) for a in root.iter(f"{SVG_NS}a")]
+    assert "sub-99.html" in hrefs
+    titles = [t.text for g in points for t in g.findall(f"{SVG_NS}title")]
+    assert any(t.startswith("sub-99: Structure A 400") and "outlier" in t for t in titles)
+    assert sum("segmentation QC: warn" in t for t in titles) == 2  # sub-03 in both strips
+    text = out.read_text()
+    assert "Structure A" in text and rl.QC_FLAG_COLOR in text
+    _svg_root(rl.plot_group_structures([], [("A", "A")], tmp_path / "none.svg"))
+    _assert_png(rl.plot_group_structures(rows, [("A", "A")], tmp_path / "fam.png"))

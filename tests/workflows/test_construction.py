@@ -297,3 +297,82 @@ def test_resolve_template_empty_file_counts_as_missing(env, tmp_path, monkeypatc
     (tmp_path / "tpl-Fake" / "tpl-Fake_res-01_desc-brain_mask.nii.gz").write_bytes(b"")
     with pytest.raises(ResourceError, match="desc-brain_mask"):
         resolve_template("Fake", home=tmp_path)
+
+
+# --------------------------------------------------------------------------- whole-brain segmentation
+#: nodes of the whole-brain branch per subject for an aseg ensemble: segmentation 3, derivatives 17, reportlets 5
+SEG_NODES = 25
+
+
+def _seg_config(tmp_path, protocol="aseg", **kwargs):
+    from bids_app.config import SegmentationConfig
+    from tests.conftest import tiny_wholebrain_checkpoint
+
+    ckpt = tiny_wholebrain_checkpoint(tmp_path / f"models-{protocol}" / "tiny", protocol=protocol)
+    return SegmentationConfig(checkpoints=(ckpt,), protocol=protocol, mc_samples=4, **kwargs)
+
+
+def test_wholebrain_branch_nodes_and_parameters(env, tmp_path):
+    seg = _seg_config(tmp_path)
+    wf = _build(env, segmentation=seg, omp_nthreads=3, random_seed=7, device="cpu")
+    nodes = _flat_nodes(wf)
+    names = [n.fullname for n in nodes]
+    assert len(names) == len(set(names)) == 2 * (NODES_PER_SUBJECT + SEG_NODES)
+    for part in ("wholebrain_seg_wf", "wholebrain_seg_derivatives_wf", "wholebrain_seg_reports_wf"):
+        assert wf.get_node(f"sub_02_ses_A_wf.{part}") is not None, part
+    segment = wf.get_node("sub_01_wf.wholebrain_seg_wf.segment")
+    assert segment.inputs.checkpoints == [str(seg.checkpoints[0])]
+    assert (segment.inputs.mc_samples, segment.inputs.seed, segment.inputs.num_threads) == (4, 7, 3)
+    assert segment.inputs.device == "cpu" and segment.n_procs == 3
+    connected = _connected_inputs(wf)
+    assert {"t1w_preproc", "icv_mask", "icv_ml", "source_file"} <= connected[
+        "arborseg_wf.sub_01_wf.wholebrain_seg_wf.segment"]
+    # no fine-protocol sinks for an aseg ensemble (aseg is seg-wholebrain)
+    assert wf.get_node("sub_01_wf.wholebrain_seg_derivatives_wf.ds_fine_dseg") is None
+    sink = wf.get_node("sub_01_wf.wholebrain_seg_derivatives_wf.ds_aseg_dseg")
+    assert sink.inputs.entities == {"segmentation": "wholebrain", "suffix": "dseg"}
+    assert sink.inputs.sources[0] == "bids:raw:sub-01/anat/sub-01_T1w.nii.gz"
+    probs = [wf.get_node(f"sub_01_wf.wholebrain_seg_derivatives_wf.ds_probseg_{a}") for a in
+             ("gm", "wm", "csf", "ven", "cer", "bst", "bga")]
+    assert [p.inputs.entities["label"] for p in probs] == ["GM", "WM", "CSF", "VEN", "CER", "BST", "BGA"]
+
+
+def test_wholebrain_branch_mandatory_inputs(env, tmp_path):
+    wf = _build(env, segmentation=_seg_config(tmp_path))
+    connected = _connected_inputs(wf)
+    missing = [f"{node.fullname}.{field}" for node in _flat_nodes(wf)
+               for field in node.inputs.copyable_trait_names()
+               if node.inputs.trait(field).mandatory and not isdefined(getattr(node.inputs, field))
+               and field not in connected.get(node.fullname, set())]
+    assert missing == []
+
+
+def test_wholebrain_branch_dkt_writes_the_fine_protocol(env, tmp_path):
+    wf = _build(env, segmentation=_seg_config(tmp_path, protocol="dkt-aseg"))
+    assert len(_flat_nodes(wf)) == 2 * (NODES_PER_SUBJECT + SEG_NODES + 3)
+    sink = wf.get_node("sub_01_wf.wholebrain_seg_derivatives_wf.ds_fine_dseg")
+    assert sink.inputs.entities == {"segmentation": "dkt", "suffix": "dseg"}
+
+
+def test_wholebrain_branch_off(env, tmp_path):
+    from bids_app.config import SegmentationConfig
+
+    for seg in (SegmentationConfig(), SegmentationConfig(enabled=False, checkpoints=_seg_config(tmp_path).checkpoints)):
+        assert not seg.active and seg.reason
+        assert len(_flat_nodes(_build(env, segmentation=seg))) == 2 * NODES_PER_SUBJECT
+
+
+def test_wholebrain_threads_and_device_do_not_change_the_hash(env, tmp_path):
+    import nipype
+    from copy import deepcopy
+
+    seg = _seg_config(tmp_path)
+    hashes = set()
+    for threads, device in ((1, "cpu"), (4, "auto")):
+        wf = _build(env, segmentation=seg, omp_nthreads=threads, device=device)
+        node = wf.get_node("sub_01_wf.wholebrain_seg_wf.segment")
+        f = str(env["subjects"][0].t1w)
+        node.inputs.t1w_preproc = node.inputs.icv_mask = node.inputs.source_file = f
+        node.config = deepcopy(nipype.config._sections)
+        hashes.add(node._get_hashval()[1])
+    assert len(hashes) == 1

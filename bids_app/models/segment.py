@@ -1,0 +1,535 @@
+"""Whole-brain segmentation with MC-dropout QC: one array in, probabilities, labels and QC out.
+
+:func:`segment_volume` is the single entry point that the participant pipeline and the
+cross-validation scripts share. It takes ArborSeg's conformed T1w (axis-aligned RAS grid,
+normally 1 mm, intensity-normalised so that the 99th percentile inside the ICV is 1, zero outside
+the ICV) and an ensemble of checkpoints that share one label protocol:
+
+1. **To the model grid.** For every voxel size among the members, the image is resampled to that
+   grid. When ``model voxel / image voxel`` is an integer ``k`` (per axis) this is a block mean:
+   each axis is zero-padded at its end to a multiple of ``k`` and block ``i`` averages the image
+   voxels ``k*i .. k*i + k - 1``. Otherwise :func:`scipy.ndimage.zoom` (linear, ``grid_mode``:
+   the fields of view coincide) is used.
+2. **MC dropout** (:func:`bids_app.models.mcdropout.mc_dropout`): ``mc_samples`` samples, each the
+   equally weighted mean of the members' softmax on that grid.
+3. **Back to the image grid.** The mean probabilities (and the predictive entropy) are brought
+   back with trilinear interpolation that matches the block geometry
+   (``torch.nn.functional.interpolate(scale_factor=k, mode="trilinear", align_corners=False)``,
+   which puts the centre of block ``i`` at image voxel ``k*i + (k - 1)/2``, then cropped to the
+   image shape) and renormalised to sum to 1. Members with another voxel size get their own
+   grid; their image-grid probabilities are averaged, weighted by the number of members.
+4. **Labels** are the argmax of the image-grid probabilities, as label values of the protocol.
+
+QC: the volumes of every MC sample (argmax on the model grid, in mm3) give each structure's
+coefficient of variation (CV, ``100 * std / mean``), their mean over the structures
+(background and structures absent from every sample excluded) and a ``pass``/``warn`` flag
+against the modality's threshold (:data:`bids_app.models.mcdropout.QC_THRESHOLDS`). With several
+voxel-size groups, sample ``s`` of the ensemble has the member-weighted mean of the groups'
+sample-``s`` volumes (the argmax of the combined sample would need every sample kept in memory).
+Coarser protocols (``dkt-aseg`` -> ``aseg`` -> ``cerebrum7``, ``aseg`` -> ``deep14``...) merge
+probabilities through the merge tables of :mod:`bids_app.core.labels`, and their CV merges the
+sample volumes sample by sample before the statistics (:func:`coarser`, :func:`coarse_cv`).
+
+The entropy is the predictive entropy (nats) of the model-grid mean softmax, upsampled like the
+probabilities; with several voxel-size groups it is the entropy of the combined image-grid
+probabilities (the groups may disagree, which a mean of their entropies would hide).
+
+Nothing here imports torch at module import time, so the command line can check checkpoints
+(:func:`validate_wholebrain_checkpoints`) and list the installed models without it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..core.labels import (
+    Protocol,
+    ProtocolError,
+    class_merge_matrix,
+    load_mapping,
+    load_protocol,
+    merge_chain,
+    merged_probabilities,
+)
+from .checkpoint import ModelError, _read_manifest, _sniff_format, _split_path, list_models, validate_manifest
+
+log = logging.getLogger(__name__)
+
+#: manifest ``task`` of the whole-brain models picked by :func:`default_wholebrain_models`
+WHOLEBRAIN_TASK = "wholebrain"
+#: protocols every whole-brain result is also given in (the fine protocol must merge into both)
+COARSE_PROTOCOLS = ("aseg", "cerebrum7")
+#: classes upsampled at a time (bounds the temporary memory of the interpolation)
+_UPSAMPLE_CHUNK = 4
+#: image slabs (along the first axis) merged at a time by :func:`coarse_labels`
+_SLAB = 16
+
+
+# --------------------------------------------------------------------------- result
+
+
+@dataclass
+class SegmentationResult:
+    """Outcome of :func:`segment_volume` (or of :func:`coarser` for a coarser protocol)."""
+
+    protocol: Protocol
+    probabilities: np.ndarray | None    # (K, X, Y, Z) float32 on the image grid, summing to 1
+    labels: np.ndarray                  # (X, Y, Z) int16 label values of the protocol
+    entropy: np.ndarray                 # (X, Y, Z) float32, nats
+    cv_percent: np.ndarray              # (K,) volume CV over the MC samples, NaN where absent
+    mean_cv_percent: float
+    qc_flag: str                        # "pass" / "warn"
+    qc_threshold: float                 # percent
+    models: list[str]
+    timings: dict = field(default_factory=dict)
+    mc_volumes_mm3: np.ndarray | None = None   # (N, K) per-sample volumes on the model grid(s)
+    n_samples: int = 0
+    seed: int = 0
+    modality: str = "T1w"
+    voxel_size_mm: tuple[float, float, float] = (1.0, 1.0, 1.0)  # of the image grid
+    model_voxel_sizes_mm: list[tuple[float, float, float]] = field(default_factory=list)
+    manifests: list[dict] = field(default_factory=list)
+
+    @property
+    def volume_mean_mm3(self) -> np.ndarray:
+        """Mean over the MC samples of every class's volume (mm3)."""
+        return np.asarray(self.mc_volumes_mm3, dtype=np.float64).mean(axis=0)
+
+    def structure_flags(self) -> list[str]:
+        """Per class: ``"warn"`` when its CV exceeds :attr:`qc_threshold` or is undefined, else ``"pass"``."""
+        return [structure_flag(c, self.qc_threshold) for c in self.cv_percent]
+
+
+def structure_flag(cv_percent: float, threshold: float) -> str:
+    """QC flag of one structure: ``pass`` when ``cv <= threshold``; ``warn`` above it or when absent (NaN)."""
+    return "pass" if math.isfinite(cv_percent) and cv_percent <= threshold else "warn"
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _voxel_triplet(value: Any) -> tuple[float, float, float]:
+    values = value if isinstance(value, (list, tuple)) else [value]
+    vox = tuple(float(v) for v in values) * (3 if len(values) == 1 else 1)
+    if len(vox) != 3 or min(vox) <= 0:
+        raise ValueError(f"voxel size must be one or three positive numbers, got {value!r}")
+    return vox  # type: ignore[return-value]
+
+
+def protocol_of(manifest: dict) -> Protocol:
+    """The label protocol of a manifest: the shipped table of that name when it matches, else its own labels."""
+    spec = manifest["label_protocol"]
+    indices = tuple(int(e["index"]) for e in spec["labels"])
+    try:
+        protocol = load_protocol(spec["name"])
+    except ProtocolError:
+        log.debug("protocol %r is not shipped; using the manifest's labels", spec["name"])
+        return Protocol(name=spec["name"], indices=indices, names=tuple(e["name"] for e in spec["labels"]))
+    if protocol.indices != indices:
+        raise ModelError(f"model {manifest.get('name')!r}: its labels differ from ArborSeg's {spec['name']!r} "
+                         f"protocol table (class order or values)")
+    return protocol
+
+
+def validate_wholebrain_checkpoints(paths: Sequence[str | os.PathLike]) -> tuple[list[Path], str]:
+    """Check checkpoints before any work, without torch; returns ``(manifest paths, protocol name)``.
+
+    Every manifest must be valid and name a registered architecture, its weights must exist, be
+    a safetensors file and match the manifest's checksum; all members must share one label
+    protocol that merges into ``aseg`` and ``cerebrum7`` and take one input channel. Raises
+    :class:`ModelError` (exit code 4) with one line naming the file.
+    """
+    if not paths:
+        raise ModelError("no segmentation checkpoints given")
+    manifests: list[Path] = []
+    protocol: str | None = None
+    for raw in paths:
+        manifest_path, weights_path = _split_path(Path(raw).expanduser())
+        if not manifest_path.exists() and not weights_path.exists():
+            raise ModelError(f"{raw}: no such model checkpoint (expected {manifest_path.name} and "
+                             f"{weights_path.name})")
+        manifest = validate_manifest(_read_manifest(manifest_path), where=str(manifest_path), check_kwargs=False)
+        try:
+            with open(weights_path, "rb") as fh:
+                blob = fh.read()
+        except FileNotFoundError:
+            raise ModelError(f"{weights_path}: model weights not found") from None
+        except OSError as exc:
+            raise ModelError(f"{weights_path}: cannot read the model weights ({exc.strerror})") from None
+        if _sniff_format(blob) != "safetensors":
+            raise ModelError(f"{weights_path}: not a safetensors file; refused without loading it")
+        if hashlib.sha256(blob).hexdigest() != manifest["sha256"]:
+            raise ModelError(f"{weights_path}: checksum mismatch with {manifest_path.name}; the file is corrupt "
+                             f"or was modified")
+        del blob
+        if len(manifest["input_channels"]) != 1:
+            raise ModelError(f"{manifest_path}: whole-brain models take one input channel (T1w), this one takes "
+                             f"{len(manifest['input_channels'])}")
+        name = manifest["label_protocol"]["name"]
+        if protocol is None:
+            protocol = name
+        elif name != protocol:
+            raise ModelError(f"{manifest_path}: label protocol {name!r} differs from the other models' {protocol!r}")
+        manifests.append(manifest_path.resolve())
+    assert protocol is not None
+    for coarse in COARSE_PROTOCOLS:
+        try:
+            merge_chain(protocol, coarse)
+        except ProtocolError:
+            raise ModelError(f"{manifests[0]}: label protocol {protocol!r} cannot be merged into {coarse!r}; "
+                             f"whole-brain models must use aseg or dkt-aseg") from None
+    return manifests, protocol
+
+
+def read_manifests(paths: Sequence[str | os.PathLike]) -> list[dict]:
+    """The manifests of checkpoints (validated, without torch and without reading the weights)."""
+    out = []
+    for raw in paths:
+        manifest_path, _ = _split_path(Path(raw).expanduser())
+        out.append(validate_manifest(_read_manifest(manifest_path), where=str(manifest_path), check_kwargs=False))
+    return out
+
+
+def default_wholebrain_models(folder: str | os.PathLike | None = None) -> list[str]:
+    """Manifest paths of the installed checkpoints whose manifest says ``"task": "wholebrain"``."""
+    found = []
+    for row in list_models(folder):
+        try:
+            manifest = json.loads(Path(row["path"]).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if manifest.get("task") == WHOLEBRAIN_TASK:
+            found.append(row["path"])
+    return sorted(found)
+
+
+def _load_members(checkpoints_or_models: Sequence[Any], manifests: Sequence[dict] | None) -> list[tuple[Any, dict]]:
+    from .checkpoint import load_checkpoint
+
+    items = list(checkpoints_or_models) if not isinstance(checkpoints_or_models, (str, os.PathLike)) \
+        else [checkpoints_or_models]
+    if not items:
+        raise ValueError("at least one checkpoint or model is needed")
+    if manifests is not None and len(manifests) != len(items):
+        raise ValueError(f"{len(manifests)} manifests for {len(items)} models")
+    members = []
+    for i, item in enumerate(items):
+        if isinstance(item, (str, os.PathLike)):
+            model, manifest = load_checkpoint(item, device="cpu")
+            if manifests is not None:
+                manifest = dict(manifests[i])
+        elif isinstance(item, tuple) and len(item) == 2:
+            model, manifest = item
+        else:
+            if manifests is None:
+                raise ValueError("models given as networks need their manifests (manifests=...)")
+            model, manifest = item, manifests[i]
+        members.append((model, manifest))
+    return members
+
+
+# --------------------------------------------------------------------------- grids
+
+
+def _integer_factors(model_vox: Sequence[float], image_vox: Sequence[float]) -> tuple[int, int, int] | None:
+    ratios = [m / v for m, v in zip(model_vox, image_vox)]
+    ints = [int(round(r)) for r in ratios]
+    if all(k >= 1 and abs(r - k) < 1e-4 for r, k in zip(ratios, ints)):
+        return tuple(ints)  # type: ignore[return-value]
+    return None
+
+
+def block_mean(image: np.ndarray, factors: Sequence[int]) -> np.ndarray:
+    """Mean over ``k``-blocks per axis after zero-padding each axis (at its end) to a multiple of ``k``."""
+    k = [int(f) for f in factors]
+    if all(f == 1 for f in k):
+        return np.ascontiguousarray(image, dtype=np.float32)
+    pads = [(0, (-s) % f) for s, f in zip(image.shape, k)]
+    padded = np.pad(np.asarray(image, dtype=np.float32), pads)
+    n = [s // f for s, f in zip(padded.shape, k)]
+    blocks = padded.reshape(n[0], k[0], n[1], k[1], n[2], k[2])
+    return blocks.mean(axis=(1, 3, 5), dtype=np.float64).astype(np.float32)
+
+
+def _zoom_down(image: np.ndarray, model_vox: Sequence[float], image_vox: Sequence[float]) -> np.ndarray:
+    from scipy import ndimage
+
+    zoom = [v / m for v, m in zip(image_vox, model_vox)]
+    return ndimage.zoom(np.asarray(image, dtype=np.float32), zoom, order=1, grid_mode=True,
+                        mode="grid-constant", cval=0.0).astype(np.float32)
+
+
+def _upsample_into(out: np.ndarray, coarse: np.ndarray, factors: tuple[int, int, int] | None,
+                   weight: float, accumulate: bool) -> None:
+    """``out[c] (+)= weight * upsample(coarse[c])`` class chunk by class chunk (``out``: (C, X, Y, Z))."""
+    shape = out.shape[1:]
+    for start in range(0, coarse.shape[0], _UPSAMPLE_CHUNK):
+        stop = min(start + _UPSAMPLE_CHUNK, coarse.shape[0])
+        up = upsample(coarse[start:stop], shape, factors)
+        if weight != 1.0:
+            up *= np.float32(weight)
+        if accumulate:
+            out[start:stop] += up
+        else:
+            out[start:stop] = up
+
+
+def upsample(coarse: np.ndarray, shape: Sequence[int], factors: Sequence[int] | None) -> np.ndarray:
+    """``(C, x, y, z)`` model-grid maps -> ``(C, *shape)`` on the image grid (float32).
+
+    Integer ``factors``: trilinear interpolation with ``align_corners=False`` (matches
+    :func:`block_mean`), cropped to ``shape``. ``None``: :func:`scipy.ndimage.zoom` (linear,
+    ``grid_mode``) to exactly ``shape``.
+    """
+    coarse = np.asarray(coarse, dtype=np.float32)
+    shape = tuple(int(s) for s in shape)
+    if factors is not None and all(int(f) == 1 for f in factors):
+        return np.ascontiguousarray(coarse[(slice(None),) + tuple(slice(0, s) for s in shape)])
+    if factors is not None:
+        import torch
+        import torch.nn.functional as F
+
+        with torch.inference_mode():
+            t = torch.from_numpy(np.ascontiguousarray(coarse))[None]
+            up = F.interpolate(t, scale_factor=tuple(float(f) for f in factors), mode="trilinear",
+                               align_corners=False)[0]
+            return np.ascontiguousarray(up[(slice(None),) + tuple(slice(0, s) for s in shape)].numpy())
+    from scipy import ndimage
+
+    zoom = [s / c for s, c in zip(shape, coarse.shape[1:])]
+    out = np.empty((coarse.shape[0],) + shape, dtype=np.float32)
+    for c in range(coarse.shape[0]):
+        z = ndimage.zoom(coarse[c], zoom, order=1, grid_mode=True, mode="nearest")
+        out[c] = z[tuple(slice(0, s) for s in shape)]
+    return out
+
+
+# --------------------------------------------------------------------------- segmentation
+
+
+def segment_volume(
+    image: np.ndarray,
+    checkpoints_or_models: Any,
+    *,
+    manifests: Sequence[dict] | None = None,
+    mc_samples: int = 15,
+    seed: int = 42,
+    device: str = "auto",
+    num_threads: int | None = None,
+    modality: str = "T1w",
+    image_voxel_mm: float | Sequence[float] = 1.0,
+    threshold: float | None = None,
+) -> SegmentationResult:
+    """Segment a conformed, normalised ``(X, Y, Z)`` image with an MC-dropout ensemble.
+
+    Args:
+        image: float32 array on ArborSeg's conformed grid (RAS axes), normalised, zero outside the ICV.
+        checkpoints_or_models: checkpoint paths (stems, ``.json`` or ``.safetensors``), or networks
+            with ``manifests``, or ``(network, manifest)`` pairs; all with the same label protocol.
+        manifests: the manifests of networks given directly (one each).
+        mc_samples, seed: MC-dropout samples and the seed of every dropout mask.
+        device, num_threads: where and with how many CPU threads the networks run.
+        modality: selects the QC threshold (1 % for T1w, 2.5 % otherwise); ``threshold`` overrides it.
+        image_voxel_mm: voxel size of ``image`` (ArborSeg's conformed grid is 1 mm by default).
+    """
+    from .mcdropout import mean_cv, mc_dropout, predictive_entropy, qc_flag, qc_threshold, volume_statistics
+
+    t_start = time.perf_counter()
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim != 3:
+        raise ValueError(f"expected a 3D image (X, Y, Z), got shape {image.shape}")
+    if not np.isfinite(image).all():
+        raise ValueError("the image contains NaN or Inf values")
+    image_vox = _voxel_triplet(image_voxel_mm)
+    members = _load_members(checkpoints_or_models, manifests)
+    t_loaded = time.perf_counter()
+
+    names = [str(m.get("name", f"model{i}")) for i, (_, m) in enumerate(members)]
+    protocols = {m["label_protocol"]["name"] for _, m in members}
+    if len(protocols) != 1:
+        raise ModelError(f"the models do not share one label protocol: {', '.join(sorted(protocols))}")
+    protocol = protocol_of(members[0][1])
+    for (model, manifest), name in zip(members, names):
+        n_classes = getattr(model, "n_classes", None) or (getattr(model, "config", {}) or {}).get("n_classes")
+        if n_classes is not None and int(n_classes) != len(protocol):
+            raise ModelError(f"model {name!r} has {n_classes} classes, protocol {protocol.name!r} {len(protocol)}")
+        channels = manifest.get("input_channels") or []
+        if len(channels) != 1:
+            raise ModelError(f"model {name!r} takes {len(channels)} input channels; whole-brain segmentation gives one")
+        if channels[0].get("name") != modality:
+            log.warning("model %s was trained on %s, the input is %s", name, channels[0].get("name"), modality)
+
+    # members grouped by their voxel size, in the order of first appearance
+    groups: dict[tuple[float, float, float], list[int]] = {}
+    for i, (_, manifest) in enumerate(members):
+        groups.setdefault(_voxel_triplet(manifest["voxel_size_mm"]), []).append(i)
+
+    shape = image.shape
+    k_total = len(protocol)
+    probs: np.ndarray | None = None
+    entropy = np.zeros(shape, dtype=np.float32)
+    volumes: np.ndarray | None = None
+    timings = {"load_s": t_loaded - t_start, "resample_s": 0.0, "mc_s": 0.0, "upsample_s": 0.0}
+    for g, (vox, indices) in enumerate(groups.items()):
+        weight = len(indices) / len(members)
+        t0 = time.perf_counter()
+        factors = _integer_factors(vox, image_vox)
+        x = block_mean(image, factors) if factors is not None else _zoom_down(image, vox, image_vox)
+        t1 = time.perf_counter()
+        log.info("whole-brain segmentation: %d model(s) at %s mm on a %s grid (%s), %d MC samples",
+                 len(indices), "x".join(f"{v:g}" for v in vox), "x".join(map(str, x.shape)),
+                 f"block mean {factors}" if factors else "linear zoom", mc_samples)
+        mc = mc_dropout([members[i][0] for i in indices], x[None], n_samples=mc_samples, seed=seed,
+                        voxel_size_mm=list(vox), device=device, num_threads=num_threads, modality=modality,
+                        class_names=list(protocol.names))
+        del x
+        t2 = time.perf_counter()
+        if mc.mean_probs.shape[0] != k_total:
+            raise ModelError(f"the models give {mc.mean_probs.shape[0]} classes, protocol {protocol.name!r} "
+                             f"has {k_total}")
+        if len(groups) == 1 and factors == (1, 1, 1):
+            probs = mc.mean_probs  # already on the image grid: no second copy of the largest array
+        else:
+            if probs is None:
+                probs = np.empty((k_total,) + shape, dtype=np.float32)
+            _upsample_into(probs, mc.mean_probs, factors, weight, accumulate=g > 0)
+        if len(groups) == 1:
+            entropy = upsample(mc.entropy[None], shape, factors)[0]
+        group_volumes = mc.volumes_mm3 * weight
+        volumes = group_volumes if volumes is None else volumes + group_volumes
+        del mc
+        timings["resample_s"] += t1 - t0
+        timings["mc_s"] += t2 - t1
+        timings["upsample_s"] += time.perf_counter() - t2
+
+    t3 = time.perf_counter()
+    assert probs is not None and volumes is not None
+    total = probs.sum(axis=0)
+    np.maximum(total, np.float32(1e-12), out=total)
+    probs /= total[None]
+    del total
+    classes = probs.argmax(axis=0)
+    labels = protocol.to_labels(classes)
+    del classes
+    if len(groups) > 1:
+        entropy = predictive_entropy(probs)
+    _, _, cv = volume_statistics(volumes)
+    background = 0 if protocol.indices and protocol.indices[0] == 0 else None
+    mcv = mean_cv(cv, background)
+    limit = qc_threshold(modality) if threshold is None else float(threshold)
+    flag = qc_flag(mcv, threshold=limit)
+    timings["labels_s"] = time.perf_counter() - t3
+    timings["total_s"] = time.perf_counter() - t_start
+    log.info("whole-brain segmentation (%s, %d classes) in %.1f s: mean volume CV %.3f%% -> %s (threshold %.2f%%)",
+             protocol.name, k_total, timings["total_s"], mcv, flag, limit)
+    return SegmentationResult(
+        protocol=protocol, probabilities=probs, labels=labels, entropy=np.asarray(entropy, dtype=np.float32),
+        cv_percent=cv, mean_cv_percent=mcv, qc_flag=flag, qc_threshold=limit, models=names, timings=timings,
+        mc_volumes_mm3=volumes, n_samples=int(mc_samples), seed=int(seed), modality=modality,
+        voxel_size_mm=image_vox, model_voxel_sizes_mm=list(groups), manifests=[m for _, m in members],
+    )
+
+
+# --------------------------------------------------------------------------- coarser protocols
+
+
+def merge_index(fine: Protocol, coarse: Protocol) -> np.ndarray:
+    """``(K_fine,)``: the class position in ``coarse`` of every class of ``fine`` (through the merge chain)."""
+    chain = merge_chain(fine.name, coarse.name)
+    index = np.arange(len(fine))
+    current = fine
+    for dst in chain[1:]:
+        mapping = load_mapping(current.name, dst)
+        if not mapping.is_merge:
+            raise ProtocolError(f"{current.name}_to_{dst} is not a plain merge table")
+        nxt = load_protocol(dst)
+        index = class_merge_matrix(current, nxt, mapping)[index]
+        current = nxt
+    return index
+
+
+def _coarse_protocol(result: SegmentationResult, protocol: str | Protocol) -> Protocol:
+    return protocol if isinstance(protocol, Protocol) else load_protocol(protocol)
+
+
+def coarse_cv(result: SegmentationResult, protocol: str | Protocol) -> tuple[np.ndarray, float, str]:
+    """``(cv_percent, mean_cv_percent, qc_flag)`` of a coarser protocol from the sample-wise merged volumes."""
+    from .mcdropout import mean_cv, qc_flag, volume_statistics
+
+    coarse = _coarse_protocol(result, protocol)
+    if result.mc_volumes_mm3 is None:
+        raise ValueError("the result keeps no per-sample volumes")
+    index = merge_index(result.protocol, coarse)
+    fine = np.asarray(result.mc_volumes_mm3, dtype=np.float64)
+    merged = np.zeros((fine.shape[0], len(coarse)), dtype=np.float64)
+    for k, target in enumerate(index):
+        merged[:, target] += fine[:, k]
+    _, _, cv = volume_statistics(merged)
+    background = 0 if coarse.indices and coarse.indices[0] == 0 else None
+    mcv = mean_cv(cv, background)
+    return cv, mcv, qc_flag(mcv, threshold=result.qc_threshold)
+
+
+def coarse_labels(result: SegmentationResult, protocol: str | Protocol) -> np.ndarray:
+    """Label image of a coarser protocol: argmax of the merged probabilities, slab by slab (little memory)."""
+    coarse = _coarse_protocol(result, protocol)
+    if coarse.name == result.protocol.name:
+        return result.labels
+    if result.probabilities is None:
+        raise ValueError("the result keeps no probabilities")
+    out = np.empty(result.labels.shape, dtype=np.int16)
+    for start in range(0, out.shape[0], _SLAB):
+        merged = merged_probabilities(result.probabilities[:, start:start + _SLAB], result.protocol, coarse)
+        out[start:start + _SLAB] = coarse.to_labels(merged.argmax(axis=0))
+    return out
+
+
+def coarse_probability(result: SegmentationResult, protocol: str | Protocol, position: int) -> np.ndarray:
+    """Probability map ``(X, Y, Z)`` of class ``position`` of a coarser protocol (sum of its fine classes)."""
+    coarse = _coarse_protocol(result, protocol)
+    if result.probabilities is None:
+        raise ValueError("the result keeps no probabilities")
+    index = merge_index(result.protocol, coarse)
+    members = np.flatnonzero(index == int(position))
+    out = np.zeros(result.labels.shape, dtype=np.float32)
+    for k in members:
+        out += result.probabilities[k]
+    return out
+
+
+def coarser(result: SegmentationResult, protocol_name: str) -> SegmentationResult:
+    """The result in a coarser protocol: merged probabilities, their argmax, sample-wise merged CV.
+
+    The entropy is shared with ``result`` (the predictive entropy of the fine protocol).
+    """
+    coarse = load_protocol(protocol_name)
+    if coarse.name == result.protocol.name:
+        return result
+    if result.probabilities is None:
+        raise ValueError("the result keeps no probabilities")
+    probs = merged_probabilities(result.probabilities, result.protocol, coarse)
+    labels = coarse.to_labels(probs.argmax(axis=0))
+    cv, mcv, flag = coarse_cv(result, coarse)
+    index = merge_index(result.protocol, coarse)
+    volumes = None
+    if result.mc_volumes_mm3 is not None:
+        volumes = np.zeros((result.mc_volumes_mm3.shape[0], len(coarse)))
+        for k, target in enumerate(index):
+            volumes[:, target] += result.mc_volumes_mm3[:, k]
+    return SegmentationResult(
+        protocol=coarse, probabilities=probs, labels=labels, entropy=result.entropy, cv_percent=cv,
+        mean_cv_percent=mcv, qc_flag=flag, qc_threshold=result.qc_threshold, models=list(result.models),
+        timings=dict(result.timings), mc_volumes_mm3=volumes, n_samples=result.n_samples, seed=result.seed,
+        modality=result.modality, voxel_size_mm=result.voxel_size_mm,
+        model_voxel_sizes_mm=list(result.model_voxel_sizes_mm), manifests=list(result.manifests),
+    )

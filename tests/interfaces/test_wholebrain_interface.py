@@ -1,0 +1,130 @@
+"""The WholeBrainSegmentation interface: outputs on the raw T1w's grid, tables, QC, error lines."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nb
+import numpy as np
+import pytest
+
+from bids_app.core.conform import conform
+from bids_app.core.labels import load_protocol
+from bids_app.core.morphometry import MORPH_COLUMNS, read_morphometry_tsv
+from bids_app.interfaces.segment import WholeBrainSegmentation
+from tests.conftest import tiny_wholebrain_checkpoint
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """A LAS int16 raw T1w, its conformed 1 mm RAS version (normalised), an ICV mask and a tiny model."""
+    root = tmp_path_factory.mktemp("wholebrain")
+    shape = (30, 34, 26)
+    grid = np.indices(shape).astype(float)
+    centre = (np.array(shape) - 1) / 2
+    r = sum(((g - c) / (0.42 * s)) ** 2 for g, c, s in zip(grid, centre, shape))
+    rng = np.random.default_rng(4)
+    data = np.where(r < 1, 800 + 200 * (grid[0] / shape[0]) + rng.normal(0, 20, shape), 20).astype(np.int16)
+    affine = np.array([[-1.0, 0, 0, 40.0], [0, 1.0, 0, -60.0], [0, 0, 1.0, -20.0], [0, 0, 0, 1]])
+    raw = nb.Nifti1Image(data, affine)
+    raw.set_data_dtype(np.int16)
+    assert nb.aff2axcodes(raw.affine) == ("L", "A", "S")
+    raw_file = root / "sub-01_T1w.nii.gz"
+    nb.save(raw, str(raw_file))
+    conf = conform(nb.Nifti1Image(data.astype(np.float32), affine), voxel_size=1.0, crop_margin_mm=None)
+    values = np.asarray(conf.dataobj, dtype=np.float32)
+    icv = (values > 400).astype(np.uint8)
+    normalised = np.clip(values / np.percentile(values[icv > 0], 99), 0, 2).astype(np.float32)
+    t1w_file, icv_file = root / "t1w_preproc.nii.gz", root / "icv_mask.nii.gz"
+    nb.save(nb.Nifti1Image(normalised, conf.affine), str(t1w_file))
+    nb.save(nb.Nifti1Image(icv, conf.affine), str(icv_file))
+    ckpt = tiny_wholebrain_checkpoint(root / "tiny-wholebrain")
+    return {"root": root, "raw": raw_file, "t1w": t1w_file, "icv": icv_file, "ckpt": ckpt, "shape": shape,
+            "affine": affine, "conformed_affine": conf.affine}
+
+
+def _run(inputs, cwd, monkeypatch, **kwargs):
+    cwd.mkdir(parents=True, exist_ok=True)
+    monkeypatch.chdir(cwd)
+    node = WholeBrainSegmentation(t1w_preproc=str(inputs["t1w"]), icv_mask=str(inputs["icv"]),
+                                  source_file=str(inputs["raw"]), checkpoints=[str(inputs["ckpt"])], mc_samples=3,
+                                  seed=5, num_threads=1, device="cpu", **kwargs)
+    return node.run().outputs
+
+
+@pytest.fixture(scope="module")
+def isolated(inputs, tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    try:
+        yield _run(inputs, tmp_path_factory.mktemp("isolated"), mp)
+    finally:
+        mp.undo()
+
+
+def test_native_outputs_have_the_raw_grid(inputs, isolated):
+    assert isolated.fine_protocol == "aseg"
+    for path in (isolated.aseg_dseg, isolated.cerebrum7_dseg, isolated.fine_dseg):
+        img = nb.load(path)
+        assert img.shape == inputs["shape"] and np.allclose(img.affine, inputs["affine"])
+        assert img.get_data_dtype() == np.int16
+    aseg = np.asarray(nb.load(isolated.aseg_dseg).dataobj)
+    assert set(np.unique(aseg)) <= set(load_protocol("aseg").indices)
+    cer = np.asarray(nb.load(isolated.cerebrum7_dseg).dataobj)
+    assert set(np.unique(cer)) <= set(load_protocol("cerebrum7").indices)
+    # the conformed grid is the LAS grid flipped along x: nearest neighbour is an exact flip
+    conformed = nb.load(isolated.conformed_aseg_dseg)
+    assert np.allclose(conformed.affine, inputs["conformed_affine"])
+    np.testing.assert_array_equal(aseg, np.asarray(conformed.dataobj)[::-1])
+    assert len(isolated.probseg_cerebrum7) == 7 and isolated.probseg_labels == ["GM", "WM", "CSF", "VEN", "CER",
+                                                                                 "BST", "BGA"]
+    total = np.zeros(inputs["shape"], np.float32)
+    for path in isolated.probseg_cerebrum7:
+        img = nb.load(path)
+        assert img.shape == inputs["shape"] and np.allclose(img.affine, inputs["affine"])
+        prob = np.asarray(img.dataobj, dtype=np.float32)
+        assert img.get_data_dtype() == np.float32 and prob.min() >= 0 and prob.max() <= 1 + 1e-5
+        total += prob
+    assert total.max() <= 1 + 1e-4
+    entropy = nb.load(isolated.entropy)
+    assert entropy.shape == inputs["shape"] and np.allclose(entropy.affine, inputs["affine"])
+    assert np.asarray(entropy.dataobj).max() <= np.log(33) + 1e-4
+
+
+def test_tables_and_qc(inputs, isolated):
+    for path, protocol in ((isolated.aseg_morph, "aseg"), (isolated.cerebrum7_morph, "cerebrum7")):
+        with open(path) as fh:
+            assert fh.readline().rstrip("\n").split("\t") == list(MORPH_COLUMNS)
+        rows = read_morphometry_tsv(path)
+        assert [r["index"] for r in rows] == list(load_protocol(protocol).indices[1:])
+    conformed = np.asarray(nb.load(isolated.conformed_aseg_dseg).dataobj)
+    rows = read_morphometry_tsv(isolated.aseg_morph)
+    assert sum(r["volume_mm3"] for r in rows) == pytest.approx(float((conformed > 0).sum()))
+    tsv = isolated.aseg_dseg_tsv
+    with open(tsv) as fh:
+        assert fh.readline().split() == ["index", "name", "abbreviation", "color"]
+    qc = json.loads(open(isolated.qc_json).read())
+    assert qc["MCSamples"] == 3 and qc["Seed"] == 5 and qc["QCFlag"] in ("pass", "warn")
+    assert qc["QCThresholdPercent"] == 1.0 and qc["Models"][0]["Name"] == "tiny-wholebrain"
+    assert set(qc["Protocols"]) == {"aseg", "cerebrum7", "deep14"}
+    assert len(qc["Protocols"]["aseg"]["Structures"]) == 32 and len(qc["Protocols"]["deep14"]["Structures"]) == 14
+    assert all(s["qc_flag"] in ("pass", "warn") for s in qc["Protocols"]["cerebrum7"]["Structures"])
+    assert "Deep14MeanCVPercent" in qc and qc["ICVML"] > 0
+    assert isolated.qc_flag == qc["QCFlag"]
+
+
+def test_in_process_run_matches_the_isolated_one(inputs, isolated, tmp_path, monkeypatch):
+    local = _run(inputs, tmp_path / "local", monkeypatch, isolate=False)
+    for field in ("aseg_dseg", "cerebrum7_dseg", "entropy"):
+        np.testing.assert_array_equal(np.asarray(nb.load(getattr(local, field)).dataobj),
+                                      np.asarray(nb.load(getattr(isolated, field)).dataobj))
+
+
+def test_a_broken_checkpoint_is_one_line(inputs, tmp_path, monkeypatch):
+    bad = tiny_wholebrain_checkpoint(tmp_path / "bad")
+    weights = bad.with_suffix(".safetensors")
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
+    monkeypatch.chdir(tmp_path)
+    node = WholeBrainSegmentation(t1w_preproc=str(inputs["t1w"]), icv_mask=str(inputs["icv"]),
+                                  source_file=str(inputs["raw"]), checkpoints=[str(bad)], mc_samples=1)
+    with pytest.raises(RuntimeError, match="whole-brain segmentation failed .*ModelError: .*checksum mismatch"):
+        node.run()

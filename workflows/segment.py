@@ -1,0 +1,186 @@
+"""The whole-brain segmentation branch: MC-dropout ensemble, its derivatives and its reportlets.
+
+It attaches to ``anat_preproc_wf.outputnode`` (``t1w_preproc``, ``icv_mask``, ``icv_ml``) and
+to the raw T1w, whose grid is the native space of the derivatives.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+
+from bids_app.bids import seg_entity
+from bids_app.core.labels import load_protocol
+from bids_app.core.morphometry import MORPH_COLUMN_DESCRIPTIONS
+from bids_app.interfaces.bids import DerivativesDataSink
+from bids_app.interfaces.reports import MapRPT, SegmentationRPT
+from bids_app.interfaces.segment import WholeBrainSegmentation
+from bids_app.models.segment import read_manifests
+
+from .outputs import _uri
+
+#: fields of the branch's outputnode (and of the derivatives workflow's inputnode)
+SEG_OUTPUTS = ("fine_protocol", "fine_dseg", "aseg_dseg", "cerebrum7_dseg", "fine_dseg_tsv", "aseg_dseg_tsv",
+               "cerebrum7_dseg_tsv", "probseg_cerebrum7", "entropy", "fine_morph", "aseg_morph", "cerebrum7_morph",
+               "qc_json", "conformed_fine_dseg", "conformed_aseg_dseg", "conformed_cerebrum7_dseg",
+               "conformed_entropy", "mean_cv_percent", "qc_flag")
+#: derivative fields written by :func:`init_wholebrain_seg_derivatives_wf`
+SEG_DERIVATIVES = ("fine_dseg", "aseg_dseg", "cerebrum7_dseg", "fine_dseg_tsv", "aseg_dseg_tsv", "cerebrum7_dseg_tsv",
+                   "probseg_cerebrum7", "entropy", "fine_morph", "aseg_morph", "cerebrum7_morph", "qc_json")
+#: protocol whose classes get a probseg each
+PROBSEG_PROTOCOL = "cerebrum7"
+
+
+def _memory_gb(checkpoints: Sequence[str]) -> float:
+    """Planned memory of the segmentation node: the fine probabilities of a ~8 M-voxel 1 mm head, x1.5, + 1 GB."""
+    try:
+        n_classes = max(len(m["label_protocol"]["labels"]) for m in read_manifests(checkpoints))
+    except Exception:  # checked before the run; a guess is enough here
+        n_classes = 40
+    return round(1.0 + 1.5 * n_classes * 8e6 * 4 / 1e9, 1)
+
+
+def init_wholebrain_seg_wf(*, checkpoints: Sequence[str], mc_samples: int = 15, seed: int = 42,
+                           omp_nthreads: int = 1, device: str = "auto", name: str = "wholebrain_seg_wf"):
+    """Whole-brain labels (fine protocol, aseg, CEREBRUM 7) in the native T1w space, with MC-dropout QC.
+
+    ``inputnode``: ``t1w_preproc`` and ``icv_mask`` (conformed T1w space), ``icv_ml``, ``source_file``
+    (the raw T1w). ``outputnode``: :data:`SEG_OUTPUTS` (see
+    :class:`~bids_app.interfaces.segment.WholeBrainSegmentation`).
+    """
+    wf = pe.Workflow(name=name)
+    inputnode = pe.Node(niu.IdentityInterface(fields=["t1w_preproc", "icv_mask", "icv_ml", "source_file"]),
+                        name="inputnode")
+    outputnode = pe.Node(niu.IdentityInterface(fields=list(SEG_OUTPUTS)), name="outputnode")
+    segment = pe.Node(WholeBrainSegmentation(checkpoints=[str(c) for c in checkpoints], mc_samples=mc_samples,
+                                             seed=seed, num_threads=omp_nthreads, device=device),
+                      name="segment", n_procs=omp_nthreads, mem_gb=_memory_gb(checkpoints))
+    wf.connect([
+        (inputnode, segment, [("t1w_preproc", "t1w_preproc"), ("icv_mask", "icv_mask"), ("icv_ml", "icv_ml"),
+                              ("source_file", "source_file")]),
+        (segment, outputnode, [(f, f) for f in SEG_OUTPUTS]),
+    ])
+    return wf
+
+
+def _pick(items, index):
+    """Element ``index`` of a list (a connection function: no closures, imports inside)."""
+    return items[index]
+
+
+def _add_sources(in_file, sources):
+    """A copy of a JSON file with ``Sources`` added (runs inside a Function node)."""
+    import json
+    import os
+
+    with open(in_file) as fh:
+        data = json.load(fh)
+    data["Sources"] = list(sources)
+    out = os.path.abspath(os.path.basename(in_file))
+    with open(out, "w") as fh:
+        json.dump(data, fh, indent=2, sort_keys=True)
+    return out
+
+
+def init_wholebrain_seg_derivatives_wf(*, output_dir: str, source_file: str, source_uri: str, fine_protocol: str,
+                                       models: Sequence[str] = (), mc_samples: int = 15,
+                                       name: str = "wholebrain_seg_derivatives_wf"):
+    """Write the segmentation derivatives (README "Outputs"); every sidecar has ``Sources``.
+
+    ``fine_protocol`` is the models' protocol: its own ``seg-<x>_dseg`` is written only when it is
+    not ``aseg`` (which is ``seg-wholebrain``).
+    """
+    wf = pe.Workflow(name=name)
+    inputnode = pe.Node(niu.IdentityInterface(fields=list(SEG_DERIVATIVES)), name="inputnode")
+    preproc_uri = _uri(source_file, desc="preproc", suffix="T1w", extension=".nii.gz")
+    icv_uri = _uri(source_file, label="ICV", suffix="mask", extension=".nii.gz")
+    inputs_uris = [source_uri, preproc_uri, icv_uri]
+
+    def sink(node_name, entities, sources=(), meta=None):
+        return pe.Node(DerivativesDataSink(base_directory=output_dir, source_file=source_file, entities=entities,
+                                           sources=list(sources), meta_dict=meta or {}),
+                       name=node_name, run_without_submitting=True)
+
+    protocols = [("aseg", "aseg"), ("cerebrum7", "cerebrum7")]
+    if fine_protocol not in ("aseg", "cerebrum7"):
+        protocols.insert(0, ("fine", fine_protocol))
+    common = {"Models": list(models), "MCSamples": int(mc_samples),
+              "Space": "the grid of the raw T1w (labels by nearest neighbour from the conformed T1w space)"}
+    dseg_uris = []
+    for field, protocol in protocols:
+        seg = seg_entity(protocol)
+        dseg_uri = _uri(source_file, segmentation=seg, suffix="dseg", extension=".nii.gz")
+        dseg_uris.append(dseg_uri)
+        ds_dseg = sink(f"ds_{field}_dseg", {"segmentation": seg, "suffix": "dseg"}, inputs_uris, dict(
+            common, Description=f"Whole-brain segmentation, {protocol} protocol (argmax of the MC-dropout mean "
+                                "probabilities of the ensemble)", LabelProtocol=protocol))
+        ds_tsv = sink(f"ds_{field}_dseg_tsv", {"segmentation": seg, "suffix": "dseg", "extension": ".tsv"})
+        ds_morph = sink(f"ds_{field}_morph", {"segmentation": seg, "suffix": "morph", "extension": ".tsv"},
+                        [dseg_uri, icv_uri], dict(MORPH_COLUMN_DESCRIPTIONS, Description=(
+                            f"Structure volumes of the {protocol} segmentation, counted on the conformed T1w grid, "
+                            "with the MC-dropout volume CV and QC flag of each structure")))
+        wf.connect([
+            (inputnode, ds_dseg, [(f"{field}_dseg", "in_file")]),
+            (inputnode, ds_tsv, [(f"{field}_dseg_tsv", "in_file")]),
+            (inputnode, ds_morph, [(f"{field}_morph", "in_file")]),
+        ])
+
+    probseg = load_protocol(PROBSEG_PROTOCOL)
+    labels = [(i, a, n) for i, (v, a, n) in enumerate(zip(probseg.indices, probseg.abbreviations, probseg.names))
+              if not (i == 0 and v == 0)]
+    for position, (_, abbreviation, structure) in enumerate(labels):
+        ds_prob = sink(f"ds_probseg_{abbreviation.lower()}",
+                       {"segmentation": PROBSEG_PROTOCOL, "label": abbreviation, "suffix": "probseg"}, inputs_uris,
+                       dict(common, Description=f"Probability of {structure} (CEREBRUM 7-class protocol: the sum of "
+                                                "the fine classes it merges), linear interpolation to the raw grid"))
+        wf.connect(inputnode, ("probseg_cerebrum7", _pick, position), ds_prob, "in_file")
+
+    ds_entropy = sink("ds_entropy", {"segmentation": "wholebrain", "desc": "entropy", "suffix": "uncertainty"},
+                      inputs_uris, dict(common, Description="Voxel-wise predictive entropy of the MC-dropout mean "
+                                                            "softmax of the ensemble, linear interpolation to the "
+                                                            "raw grid", Units="nats"))
+    qc_sources = pe.Node(niu.Function(function=_add_sources, input_names=["in_file", "sources"],
+                                      output_names=["out_file"]), name="qc_sources")
+    qc_sources.inputs.sources = dseg_uris + inputs_uris
+    ds_qc = sink("ds_qc", {"segmentation": "wholebrain", "suffix": "qc", "extension": ".json"})
+    wf.connect([
+        (inputnode, ds_entropy, [("entropy", "in_file")]),
+        (inputnode, qc_sources, [("qc_json", "in_file")]),
+        (qc_sources, ds_qc, [("out_file", "in_file")]),
+    ])
+    return wf
+
+
+def init_wholebrain_seg_reports_wf(*, output_dir: str, source_file: str, name: str = "wholebrain_seg_reports_wf"):
+    """Reportlets: aseg outlines on the preprocessed T1w, and the entropy map."""
+    wf = pe.Workflow(name=name)
+    inputnode = pe.Node(niu.IdentityInterface(fields=["t1w_preproc", "icv_mask", "conformed_aseg_dseg",
+                                                      "conformed_entropy"]), name="inputnode")
+
+    def sink(node_name, entities):
+        ents = {"datatype": "figures", "extension": ".svg"}
+        ents.update(entities)
+        return pe.Node(DerivativesDataSink(base_directory=output_dir, source_file=source_file, entities=ents),
+                       name=node_name, run_without_submitting=True)
+
+    seg_rpt = pe.Node(SegmentationRPT(protocol="aseg", title="Whole-brain segmentation (aseg protocol)"),
+                      name="seg_rpt")
+    entropy_rpt = pe.Node(MapRPT(cmap="inferno", unit="nats", title="Predictive entropy of the MC-dropout ensemble"),
+                          name="entropy_rpt")
+    ds_seg = sink("ds_seg_rpt", {"segmentation": "wholebrain", "suffix": "dseg"})
+    ds_entropy = sink("ds_entropy_rpt", {"segmentation": "wholebrain", "desc": "entropy", "suffix": "uncertainty"})
+    wf.connect([
+        (inputnode, seg_rpt, [("t1w_preproc", "in_file"), ("conformed_aseg_dseg", "dseg")]),
+        (inputnode, entropy_rpt, [("conformed_entropy", "in_file"), ("icv_mask", "bbox_file")]),
+        (seg_rpt, ds_seg, [("out_report", "in_file")]),
+        (entropy_rpt, ds_entropy, [("out_report", "in_file")]),
+    ])
+    return wf
+
+
+def model_names(checkpoints: Sequence[str | Path]) -> list[str]:
+    """Names of the models (from their manifests)."""
+    return [str(m.get("name")) for m in read_manifests(checkpoints)]
