@@ -38,18 +38,23 @@ class PreprocConfig:
 
 @dataclass(frozen=True)
 class SegmentationConfig:
-    """The whole-brain segmentation branch (README "Whole-brain segmentation")."""
+    """One MC-dropout ensemble branch (README "Whole-brain segmentation"): the whole-brain
+    segmentation (``task="wholebrain"``) or the cortical parcellation (``task="parcellation"``)."""
 
-    #: False with ``--no-seg``
+    #: False with ``--no-seg`` (both branches) or ``--no-parc`` (the parcellation)
     enabled: bool = True
     #: model manifests (``.json``) of the ensemble; empty when none is installed and none was given
     checkpoints: tuple[Path, ...] = ()
-    #: where the checkpoints came from: ``"--seg-models"`` or ``"installed"``
+    #: where the checkpoints came from: ``"--seg-models"``, ``"--parc-models"`` or ``"installed"``
     origin: str = "installed"
     #: label protocol shared by the checkpoints (e.g. ``aseg``, ``dkt-aseg``)
     protocol: str = ""
     #: Monte-Carlo dropout samples per subject
     mc_samples: int = 15
+    #: the manifest task of the branch: ``"wholebrain"`` or ``"parcellation"``
+    task: str = "wholebrain"
+    #: the option that switched the branch off (``--no-seg`` or ``--no-parc``)
+    switched_off_by: str = "--no-seg"
 
     @property
     def active(self) -> bool:
@@ -60,11 +65,18 @@ class SegmentationConfig:
     def reason(self) -> str:
         """Why the branch does not run ("" when it does)."""
         if not self.enabled:
-            return "switched off with --no-seg"
+            return f"switched off with {self.switched_off_by}"
         if not self.checkpoints:
+            if self.task == "parcellation":
+                return ("no cortical parcellation models are installed (bids_app/data/models/ or "
+                        "$ARBORSEG_MODELS_DIR); pass --parc-models to use your own")
             return ("no whole-brain segmentation models are installed (bids_app/data/models/ or "
                     "$ARBORSEG_MODELS_DIR); pass --seg-models to use your own")
         return ""
+
+
+def _parcellation_default() -> SegmentationConfig:
+    return SegmentationConfig(task="parcellation")
 
 
 @dataclass(frozen=True)
@@ -91,6 +103,8 @@ class RunConfig:
     verbosity: int = 0
     preproc: PreprocConfig = field(default_factory=PreprocConfig)
     segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
+    #: the cortical parcellation branch (``task="parcellation"``)
+    parcellation: SegmentationConfig = field(default_factory=_parcellation_default)
     version: str = ""
     command: str = ""
     run_uuid: str = ""
@@ -115,4 +129,6 @@ class RunConfig:
         data = self.to_dict()
         preproc = data.pop("preproc")
         segmentation = data.pop("segmentation")
-        return tomli_w.dumps({"arborseg": data, "preproc": preproc, "segmentation": segmentation})
+        parcellation = data.pop("parcellation")
+        return tomli_w.dumps({"arborseg": data, "preproc": preproc, "segmentation": segmentation,
+                              "parcellation": parcellation})

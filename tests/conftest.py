@@ -88,3 +88,24 @@ def tiny_wholebrain_checkpoint(path_stem, *, voxel_size_mm=2.0, protocol="aseg",
         "training": {"data": "random weights (tests)", "licence": "CC0-1.0", "seed": seed}, "metrics": {},
     })
     return path_stem.with_name(path_stem.name + ".json")
+
+
+def tiny_parcellation_checkpoint(path_stem, *, voxel_size_mm=2.0, seed=0, name=None):
+    """A random CEREBRUM (2 filters) saved as a cortical parcellation checkpoint (``dkt-aseg``, 93 classes,
+    ``"task": "parcellation"``); returns the manifest path."""
+    import torch
+
+    from bids_app.core.labels import load_protocol
+    from bids_app.models.cerebrum import Cerebrum
+    from bids_app.models.checkpoint import save_checkpoint
+
+    torch.manual_seed(seed)
+    prot = load_protocol("dkt-aseg")
+    net = Cerebrum(in_channels=1, n_classes=len(prot), base_filters=2)
+    save_checkpoint(net, path_stem, {
+        "name": name or path_stem.name, "version": "0.0.1", "task": "parcellation",
+        "label_protocol": prot.as_manifest(),
+        "input_channels": [{"name": "T1w", "normalisation": "percentile99"}], "voxel_size_mm": voxel_size_mm,
+        "training": {"data": "random weights (tests)", "licence": "CC0-1.0", "seed": seed}, "metrics": {},
+    })
+    return path_stem.with_name(path_stem.name + ".json")

@@ -1,6 +1,7 @@
 """The real graph, end to end, on the phantom BIDS dataset (minutes): participant, resume,
 reports-only and group levels, one broken subject that must not stop the others, and the whole-brain
-segmentation branch with a tiny random checkpoint (switched off, and with no models installed)."""
+segmentation and cortical parcellation branches with tiny random checkpoints (switched off, and with no
+models installed)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 
 from bids_app.cli.run import main
 from bids_app.core.labels import load_protocol
-from tests.conftest import tiny_wholebrain_checkpoint, tree_state
+from tests.conftest import tiny_parcellation_checkpoint, tiny_wholebrain_checkpoint, tree_state
 
 pytestmark = pytest.mark.e2e
 
@@ -42,9 +43,11 @@ def e2e(tmp_path_factory, phantom_templateflow):
         fh.write("sub-broken\tn/a\tn/a\n")
     out = bids / "derivatives" / "arborseg"  # allowed inside the input dataset
     model = tiny_wholebrain_checkpoint(root / "models" / "tiny-wholebrain")
+    parc = tiny_parcellation_checkpoint(root / "models" / "tiny-parc")
     common = ["-w", str(root / "work"), "--template", "ArborSegPhantom", "--templateflow-home",
               str(phantom_templateflow), "--voxel-size", "2", "--nprocs", "2"]
-    args = [str(bids), str(out), "participant", *common, "--seg-models", str(model), "--mc-samples", "3"]
+    args = [str(bids), str(out), "participant", *common, "--seg-models", str(model), "--parc-models", str(parc),
+            "--mc-samples", "2"]
     before = tree_state(bids)
     t0 = time.perf_counter()
     code = main(args)
@@ -70,7 +73,7 @@ def test_participant_outputs(e2e):
         icv = json.loads((anat / f"sub-{sub}_label-ICV_mask.json").read_text())
         assert 900 < icv["VolumeML"] < 2200
         figures = sorted(p.name for p in (out / f"sub-{sub}" / "figures").glob("*.svg"))
-        assert len(figures) == 7, figures  # 5 of preprocessing, 2 of the segmentation
+        assert len(figures) == 8, figures  # 5 of preprocessing, 2 of the segmentation, 1 of the parcellation
         html = (out / f"sub-{sub}.html").read_text()
         assert "success" in html.lower() and "figures/" in html
         record = json.loads((out / "logs" / f"sub-{sub}_record.json").read_text())
@@ -168,7 +171,17 @@ def test_reports_only_and_group(e2e, capsys):
     assert header[:5] == ["label", "subject", "session", "qc_flag", "mean_cv_percent"]
     rows = [dict(zip(header, ln.split("\t"))) for ln in qc[1:]]
     assert sorted(r["label"] for r in rows) == ["sub-phantom01", "sub-phantom02"]
-    assert all(r["qc_flag"] in ("pass", "warn") and r["mc_samples"] == "3" for r in rows)
+    assert all(r["qc_flag"] in ("pass", "warn") and r["mc_samples"] == "2" for r in rows)
+    # the cortical parcellation: its volumes and its own QC table
+    dkt = load_protocol("dkt-aseg")
+    lines = (out / "group_volumes_dkt.tsv").read_text().splitlines()
+    assert lines[0].split("\t") == ["label", "subject", "session", *dkt.names[1:]]
+    assert sorted(ln.split("\t")[0] for ln in lines[1:]) == ["sub-phantom01", "sub-phantom02"]
+    qc = (out / "group_seg_qc_dkt.tsv").read_text().splitlines()
+    rows = [dict(zip(qc[0].split("\t"), ln.split("\t"))) for ln in qc[1:]]
+    assert sorted(r["label"] for r in rows) == ["sub-phantom01", "sub-phantom02"]
+    assert all(r["label_protocol"] == "dkt-aseg" and r["models"] == "tiny-parc" for r in rows)
+    assert (out / "figures" / "group_seg-dkt_desc-meancv_strip.svg").is_file()
     for family in ("cortex", "whitematter", "deepgreymatter", "ventriclescsf", "cerebellum", "brainstem"):
         rel = f"figures/group_seg-wholebrain_desc-{family}_strip.svg"
         assert (out / rel).is_file() and "sub-phantom01.html" in (out / rel).read_text()
@@ -208,6 +221,10 @@ SEG_FILES = ("seg-wholebrain_dseg.nii.gz", "seg-wholebrain_dseg.tsv", "seg-cereb
              *(f"seg-cerebrum7_label-{a}_probseg.nii.gz" for a in ("GM", "WM", "CSF", "VEN", "CER", "BST", "BGA")))
 
 
+DKT_FILES = ("seg-dkt_dseg.nii.gz", "seg-dkt_dseg.tsv", "seg-dkt_dseg.json", "seg-dkt_morph.tsv",
+             "seg-dkt_morph.json", "seg-dkt_qc.json")
+
+
 def test_segmentation_derivatives(e2e):
     import nibabel as nb
 
@@ -225,7 +242,7 @@ def test_segmentation_derivatives(e2e):
                 assert img.shape == raw.shape[:3] and np.allclose(img.affine, raw.affine), name
                 sidecar = json.loads((anat / f"sub-{sub}_{name.replace('.nii.gz', '.json')}").read_text())
                 assert sidecar["Sources"][0] == f"bids:raw:sub-{sub}/anat/sub-{sub}_T1w.nii.gz", name
-                assert sidecar["Models"] == ["tiny-wholebrain"] and sidecar["MCSamples"] == 3
+                assert sidecar["Models"] == ["tiny-wholebrain"] and sidecar["MCSamples"] == 2
         dseg = np.asarray(nb.load(str(anat / f"sub-{sub}_seg-wholebrain_dseg.nii.gz")).dataobj)
         assert dseg.dtype == np.int16 and set(np.unique(dseg)) <= set(aseg.indices)
         tsv = (anat / f"sub-{sub}_seg-wholebrain_dseg.tsv").read_text().splitlines()
@@ -236,20 +253,38 @@ def test_segmentation_derivatives(e2e):
         assert [r["name"] for r in rows] == list(aseg.names[1:])
         assert json.loads((anat / f"sub-{sub}_seg-wholebrain_morph.json").read_text())["Sources"]
         qc = json.loads((anat / f"sub-{sub}_seg-wholebrain_qc.json").read_text())
-        assert qc["MCSamples"] == 3 and qc["Seed"] == 42 and qc["QCFlag"] in ("pass", "warn")
+        assert qc["MCSamples"] == 2 and qc["Seed"] == 42 and qc["QCFlag"] in ("pass", "warn")
         assert qc["Sources"] and set(qc["Protocols"]) == {"aseg", "cerebrum7", "deep14"}
         figures = out / f"sub-{sub}" / "figures"
         for fig in ("seg-wholebrain_dseg.svg", "seg-wholebrain_desc-entropy_uncertainty.svg"):
             assert (figures / f"sub-{sub}_{fig}").is_file(), fig
         record = json.loads((out / "logs" / f"sub-{sub}_record.json").read_text())
         seg = record["segmentation"]
-        assert seg["status"] == "done" and seg["models"] == ["tiny-wholebrain"] and seg["mc_samples"] == 3
+        assert seg["status"] == "done" and seg["models"] == ["tiny-wholebrain"] and seg["mc_samples"] == 2
         assert [r["name"] for r in seg["volumes"]["wholebrain"]] == list(aseg.names[1:])
         assert "seg_mean_cv_percent" in record["metrics"] or seg["mean_cv_percent"] is None
         html = (out / f"sub-{sub}.html").read_text()
         assert "Whole-brain segmentation" in html and f"sub-{sub}_seg-wholebrain_dseg.svg" in html
         assert 'class="seg-table"' in html and "Left-Hippocampus" in html
         assert html.count('<tr class="flagged">') == sum(r["qc_flag"] == "warn" for r in rows)
+        # the cortical parcellation: only the seg-dkt outputs, on the raw grid, background outside the ICV
+        for name in DKT_FILES:
+            assert (anat / f"sub-{sub}_{name}").is_file(), name
+        assert not list(anat.glob("*_seg-dkt_*probseg*")) and not list(anat.glob("*seg-dkt_desc-entropy*"))
+        dkt = load_protocol("dkt-aseg")
+        img = nb.load(str(anat / f"sub-{sub}_seg-dkt_dseg.nii.gz"))
+        assert img.shape == raw.shape[:3] and np.allclose(img.affine, raw.affine)
+        assert set(np.unique(np.asarray(img.dataobj))) <= set(dkt.indices)
+        sidecar = json.loads((anat / f"sub-{sub}_seg-dkt_dseg.json").read_text())
+        assert sidecar["Models"] == ["tiny-parc"] and sidecar["LabelProtocol"] == "dkt-aseg"
+        assert [r["name"] for r in read_morphometry_tsv(anat / f"sub-{sub}_seg-dkt_morph.tsv")] == list(dkt.names[1:])
+        assert json.loads((anat / f"sub-{sub}_seg-dkt_morph.json").read_text())["Sources"]
+        parc_qc = json.loads((anat / f"sub-{sub}_seg-dkt_qc.json").read_text())
+        assert parc_qc["Task"] == "parcellation" and parc_qc["MCSamples"] == 2 and parc_qc["Sources"]
+        assert "dkt-aseg" in parc_qc["Protocols"] and parc_qc["Models"][0]["Name"] == "tiny-parc"
+        assert (figures / f"sub-{sub}_seg-dkt_dseg.svg").is_file()
+        assert record["parcellation"]["status"] == "done" and record["parcellation"]["models"] == ["tiny-parc"]
+        assert "Cortical parcellation" in html and f"sub-{sub}_seg-dkt_dseg.svg" in html
     citation = (out / "logs" / "CITATION.md").read_text()
     assert "Monte-Carlo dropout" in citation and "Zopes" in citation
     broken = json.loads((out / "logs" / "sub-broken_record.json").read_text())
@@ -289,4 +324,5 @@ def test_no_models_installed_says_so(e2e, monkeypatch, tmp_path, capsys):
     assert record["segmentation"]["status"] == "skipped"
     html = (out / "sub-phantom01.html").read_text()
     assert "Whole-brain segmentation" in html and "Not run: no whole-brain segmentation models" in html
+    assert "Not run: no cortical parcellation models" in html
     _no_seg_files(out)

@@ -15,7 +15,9 @@ from bids_app.resources import TemplateFiles
 from .outputs import init_anat_derivatives_wf, init_anat_reports_wf
 from .preproc import init_anat_preproc_wf
 from .segment import (
+    PARC_DERIVATIVES,
     SEG_DERIVATIVES,
+    init_parcellation_reports_wf,
     init_wholebrain_seg_derivatives_wf,
     init_wholebrain_seg_reports_wf,
     init_wholebrain_seg_wf,
@@ -25,12 +27,14 @@ from .segment import (
 
 def init_single_subject_wf(*, inputs: AnatInputs, bids_dir: Path, output_dir: Path, template: TemplateFiles,
                            preproc: PreprocConfig, omp_nthreads: int = 1, random_seed: int = 42,
-                           segmentation: SegmentationConfig | None = None, device: str = "auto",
+                           segmentation: SegmentationConfig | None = None,
+                           parcellation: SegmentationConfig | None = None, device: str = "auto",
                            name: str | None = None):
     """Preprocessing, derivatives and reportlets of one subject (and session).
 
     The segmentation branches connect to ``anat_preproc_wf.outputnode``; the whole-brain branch
-    is added when ``segmentation.active`` (models available and not switched off).
+    is added when ``segmentation.active`` and the cortical parcellation branch when
+    ``parcellation.active`` (models available and not switched off). Both read the same inputs.
     """
     if inputs.t1w is None:
         raise ValueError(f"{inputs.label}: no T1w image")
@@ -60,6 +64,10 @@ def init_single_subject_wf(*, inputs: AnatInputs, bids_dir: Path, output_dir: Pa
         _add_wholebrain_seg(wf, inputnode, anat_preproc_wf, inputs=inputs, bids_dir=bids_dir, output_dir=output_dir,
                             segmentation=segmentation, omp_nthreads=omp_nthreads, random_seed=random_seed,
                             device=device)
+    if parcellation is not None and parcellation.active:
+        _add_parcellation(wf, inputnode, anat_preproc_wf, inputs=inputs, bids_dir=bids_dir, output_dir=output_dir,
+                          parcellation=parcellation, omp_nthreads=omp_nthreads, random_seed=random_seed,
+                          device=device)
     return wf
 
 
@@ -90,14 +98,42 @@ def _add_wholebrain_seg(wf, inputnode, anat_preproc_wf, *, inputs: AnatInputs, b
     ])
 
 
+def _add_parcellation(wf, inputnode, anat_preproc_wf, *, inputs: AnatInputs, bids_dir: Path, output_dir: Path,
+                      parcellation: SegmentationConfig, omp_nthreads: int, random_seed: int, device: str) -> None:
+    """The cortical parcellation: the segmentation node with ``fine_only`` (only the ``seg-<x>`` outputs)."""
+    source_file = str(inputs.t1w)
+    checkpoints = [str(c) for c in parcellation.checkpoints]
+    protocol = parcellation.protocol or "dkt-aseg"
+    parc_wf = init_wholebrain_seg_wf(checkpoints=checkpoints, mc_samples=parcellation.mc_samples, seed=random_seed,
+                                     omp_nthreads=omp_nthreads, device=device, fine_only=True,
+                                     name="parcellation_wf")
+    parc_derivatives_wf = init_wholebrain_seg_derivatives_wf(
+        output_dir=str(output_dir), source_file=source_file, source_uri=raw_uri(inputs.t1w, bids_dir),
+        fine_protocol=protocol, models=model_names(checkpoints), mc_samples=parcellation.mc_samples, fine_only=True,
+        name="parcellation_derivatives_wf")
+    parc_reports_wf = init_parcellation_reports_wf(output_dir=str(output_dir), source_file=source_file,
+                                                   protocol=protocol)
+    wf.connect([
+        (inputnode, parc_wf, [("t1w", "inputnode.source_file")]),
+        (anat_preproc_wf, parc_wf, [("outputnode.t1w_preproc", "inputnode.t1w_preproc"),
+                                    ("outputnode.icv_mask", "inputnode.icv_mask"),
+                                    ("outputnode.icv_ml", "inputnode.icv_ml")]),
+        (parc_wf, parc_derivatives_wf, [(f"outputnode.{f}", f"inputnode.{f}") for f in PARC_DERIVATIVES]),
+        (anat_preproc_wf, parc_reports_wf, [("outputnode.t1w_preproc", "inputnode.t1w_preproc")]),
+        (parc_wf, parc_reports_wf, [("outputnode.conformed_fine_dseg", "inputnode.conformed_fine_dseg")]),
+    ])
+
+
 def init_arborseg_wf(*, subjects: list[AnatInputs], bids_dir: Path, output_dir: Path, work_dir: Path,
                      template: TemplateFiles, preproc: PreprocConfig, omp_nthreads: int = 1,
-                     random_seed: int = 42, segmentation: SegmentationConfig | None = None, device: str = "auto",
+                     random_seed: int = 42, segmentation: SegmentationConfig | None = None,
+                     parcellation: SegmentationConfig | None = None, device: str = "auto",
                      name: str = "arborseg_wf"):
     """All selected subjects/sessions side by side, cached under ``work_dir``."""
     wf = pe.Workflow(name=name, base_dir=str(work_dir))
     for inputs in subjects:
         wf.add_nodes([init_single_subject_wf(inputs=inputs, bids_dir=bids_dir, output_dir=output_dir,
                                              template=template, preproc=preproc, omp_nthreads=omp_nthreads,
-                                             random_seed=random_seed, segmentation=segmentation, device=device)])
+                                             random_seed=random_seed, segmentation=segmentation,
+                                             parcellation=parcellation, device=device)])
     return wf

@@ -1,7 +1,9 @@
-"""The whole-brain segmentation branch: MC-dropout ensemble, its derivatives and its reportlets.
+"""The whole-brain segmentation and cortical parcellation branches: MC-dropout ensembles, their
+derivatives and their reportlets.
 
-It attaches to ``anat_preproc_wf.outputnode`` (``t1w_preproc``, ``icv_mask``, ``icv_ml``) and
-to the raw T1w, whose grid is the native space of the derivatives.
+Both attach to ``anat_preproc_wf.outputnode`` (``t1w_preproc``, ``icv_mask``, ``icv_ml``) and to
+the raw T1w, whose grid is the native space of the derivatives. The parcellation branch is the
+same segmentation node with ``fine_only=True``: it writes only its own protocol (``seg-dkt``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,11 @@ SEG_OUTPUTS = ("fine_protocol", "fine_dseg", "aseg_dseg", "cerebrum7_dseg", "fin
 #: derivative fields written by :func:`init_wholebrain_seg_derivatives_wf`
 SEG_DERIVATIVES = ("fine_dseg", "aseg_dseg", "cerebrum7_dseg", "fine_dseg_tsv", "aseg_dseg_tsv", "cerebrum7_dseg_tsv",
                    "probseg_cerebrum7", "entropy", "fine_morph", "aseg_morph", "cerebrum7_morph", "qc_json")
+#: fields of the parcellation branch's outputnode (``fine_only``: its own protocol only)
+PARC_OUTPUTS = ("fine_protocol", "fine_dseg", "fine_dseg_tsv", "fine_morph", "qc_json", "conformed_fine_dseg",
+                "mean_cv_percent", "qc_flag")
+#: derivative fields written by :func:`init_wholebrain_seg_derivatives_wf` with ``fine_only``
+PARC_DERIVATIVES = ("fine_dseg", "fine_dseg_tsv", "fine_morph", "qc_json")
 #: protocol whose classes get a probseg each
 PROBSEG_PROTOCOL = "cerebrum7"
 
@@ -44,24 +51,28 @@ def _memory_gb(checkpoints: Sequence[str]) -> float:
 
 
 def init_wholebrain_seg_wf(*, checkpoints: Sequence[str], mc_samples: int = 15, seed: int = 42,
-                           omp_nthreads: int = 1, device: str = "auto", name: str = "wholebrain_seg_wf"):
+                           omp_nthreads: int = 1, device: str = "auto", fine_only: bool = False,
+                           name: str = "wholebrain_seg_wf"):
     """Whole-brain labels (fine protocol, aseg, CEREBRUM 7) in the native T1w space, with MC-dropout QC.
 
     ``inputnode``: ``t1w_preproc`` and ``icv_mask`` (conformed T1w space), ``icv_ml``, ``source_file``
     (the raw T1w). ``outputnode``: :data:`SEG_OUTPUTS` (see
-    :class:`~bids_app.interfaces.segment.WholeBrainSegmentation`).
+    :class:`~bids_app.interfaces.segment.WholeBrainSegmentation`); with ``fine_only`` (the
+    cortical parcellation) only :data:`PARC_OUTPUTS`.
     """
+    fields = PARC_OUTPUTS if fine_only else SEG_OUTPUTS
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=["t1w_preproc", "icv_mask", "icv_ml", "source_file"]),
                         name="inputnode")
-    outputnode = pe.Node(niu.IdentityInterface(fields=list(SEG_OUTPUTS)), name="outputnode")
+    outputnode = pe.Node(niu.IdentityInterface(fields=list(fields)), name="outputnode")
     segment = pe.Node(WholeBrainSegmentation(checkpoints=[str(c) for c in checkpoints], mc_samples=mc_samples,
-                                             seed=seed, num_threads=omp_nthreads, device=device),
+                                             seed=seed, num_threads=omp_nthreads, device=device,
+                                             fine_only=fine_only),
                       name="segment", n_procs=omp_nthreads, mem_gb=_memory_gb(checkpoints))
     wf.connect([
         (inputnode, segment, [("t1w_preproc", "t1w_preproc"), ("icv_mask", "icv_mask"), ("icv_ml", "icv_ml"),
                               ("source_file", "source_file")]),
-        (segment, outputnode, [(f, f) for f in SEG_OUTPUTS]),
+        (segment, outputnode, [(f, f) for f in fields]),
     ])
     return wf
 
@@ -86,15 +97,18 @@ def _add_sources(in_file, sources):
 
 
 def init_wholebrain_seg_derivatives_wf(*, output_dir: str, source_file: str, source_uri: str, fine_protocol: str,
-                                       models: Sequence[str] = (), mc_samples: int = 15,
+                                       models: Sequence[str] = (), mc_samples: int = 15, fine_only: bool = False,
                                        name: str = "wholebrain_seg_derivatives_wf"):
     """Write the segmentation derivatives (README "Outputs"); every sidecar has ``Sources``.
 
     ``fine_protocol`` is the models' protocol: its own ``seg-<x>_dseg`` is written only when it is
-    not ``aseg`` (which is ``seg-wholebrain``).
+    not ``aseg`` (which is ``seg-wholebrain``). ``fine_only`` (the cortical parcellation): only the
+    fine protocol's ``dseg`` (+ ``.tsv``), ``morph.tsv`` and ``seg-<x>_qc.json``
+    (inputnode :data:`PARC_DERIVATIVES`).
     """
     wf = pe.Workflow(name=name)
-    inputnode = pe.Node(niu.IdentityInterface(fields=list(SEG_DERIVATIVES)), name="inputnode")
+    inputnode = pe.Node(niu.IdentityInterface(fields=list(PARC_DERIVATIVES if fine_only else SEG_DERIVATIVES)),
+                        name="inputnode")
     preproc_uri = _uri(source_file, desc="preproc", suffix="T1w", extension=".nii.gz")
     icv_uri = _uri(source_file, label="ICV", suffix="mask", extension=".nii.gz")
     inputs_uris = [source_uri, preproc_uri, icv_uri]
@@ -104,9 +118,10 @@ def init_wholebrain_seg_derivatives_wf(*, output_dir: str, source_file: str, sou
                                            sources=list(sources), meta_dict=meta or {}),
                        name=node_name, run_without_submitting=True)
 
-    protocols = [("aseg", "aseg"), ("cerebrum7", "cerebrum7")]
-    if fine_protocol not in ("aseg", "cerebrum7"):
+    protocols = [] if fine_only else [("aseg", "aseg"), ("cerebrum7", "cerebrum7")]
+    if fine_only or fine_protocol not in ("aseg", "cerebrum7"):
         protocols.insert(0, ("fine", fine_protocol))
+    what = "Cortical parcellation" if fine_only else "Whole-brain segmentation"
     common = {"Models": list(models), "MCSamples": int(mc_samples),
               "Space": "the grid of the raw T1w (labels by nearest neighbour from the conformed T1w space)"}
     dseg_uris = []
@@ -115,8 +130,8 @@ def init_wholebrain_seg_derivatives_wf(*, output_dir: str, source_file: str, sou
         dseg_uri = _uri(source_file, segmentation=seg, suffix="dseg", extension=".nii.gz")
         dseg_uris.append(dseg_uri)
         ds_dseg = sink(f"ds_{field}_dseg", {"segmentation": seg, "suffix": "dseg"}, inputs_uris, dict(
-            common, Description=f"Whole-brain segmentation, {protocol} protocol (argmax of the MC-dropout mean "
-                                "probabilities of the ensemble)", LabelProtocol=protocol))
+            common, Description=f"{what}, {protocol} protocol (argmax of the MC-dropout mean probabilities of the "
+                                "ensemble; background outside the intracranial mask)", LabelProtocol=protocol))
         ds_tsv = sink(f"ds_{field}_dseg_tsv", {"segmentation": seg, "suffix": "dseg", "extension": ".tsv"})
         ds_morph = sink(f"ds_{field}_morph", {"segmentation": seg, "suffix": "morph", "extension": ".tsv"},
                         [dseg_uri, icv_uri], dict(MORPH_COLUMN_DESCRIPTIONS, Description=(
@@ -127,6 +142,18 @@ def init_wholebrain_seg_derivatives_wf(*, output_dir: str, source_file: str, sou
             (inputnode, ds_tsv, [(f"{field}_dseg_tsv", "in_file")]),
             (inputnode, ds_morph, [(f"{field}_morph", "in_file")]),
         ])
+
+    qc_sources = pe.Node(niu.Function(function=_add_sources, input_names=["in_file", "sources"],
+                                      output_names=["out_file"]), name="qc_sources")
+    qc_sources.inputs.sources = dseg_uris + inputs_uris
+    ds_qc = sink("ds_qc", {"segmentation": seg_entity(fine_protocol) if fine_only else "wholebrain", "suffix": "qc",
+                           "extension": ".json"})
+    wf.connect([
+        (inputnode, qc_sources, [("qc_json", "in_file")]),
+        (qc_sources, ds_qc, [("out_file", "in_file")]),
+    ])
+    if fine_only:
+        return wf
 
     probseg = load_protocol(PROBSEG_PROTOCOL)
     labels = [(i, a, n) for i, (v, a, n) in enumerate(zip(probseg.indices, probseg.abbreviations, probseg.names))
@@ -142,15 +169,7 @@ def init_wholebrain_seg_derivatives_wf(*, output_dir: str, source_file: str, sou
                       inputs_uris, dict(common, Description="Voxel-wise predictive entropy of the MC-dropout mean "
                                                             "softmax of the ensemble, linear interpolation to the "
                                                             "raw grid", Units="nats"))
-    qc_sources = pe.Node(niu.Function(function=_add_sources, input_names=["in_file", "sources"],
-                                      output_names=["out_file"]), name="qc_sources")
-    qc_sources.inputs.sources = dseg_uris + inputs_uris
-    ds_qc = sink("ds_qc", {"segmentation": "wholebrain", "suffix": "qc", "extension": ".json"})
-    wf.connect([
-        (inputnode, ds_entropy, [("entropy", "in_file")]),
-        (inputnode, qc_sources, [("qc_json", "in_file")]),
-        (qc_sources, ds_qc, [("out_file", "in_file")]),
-    ])
+    wf.connect(inputnode, "entropy", ds_entropy, "in_file")
     return wf
 
 
@@ -177,6 +196,28 @@ def init_wholebrain_seg_reports_wf(*, output_dir: str, source_file: str, name: s
         (inputnode, entropy_rpt, [("conformed_entropy", "in_file"), ("icv_mask", "bbox_file")]),
         (seg_rpt, ds_seg, [("out_report", "in_file")]),
         (entropy_rpt, ds_entropy, [("out_report", "in_file")]),
+    ])
+    return wf
+
+
+def init_parcellation_reports_wf(*, output_dir: str, source_file: str, protocol: str,
+                                 name: str = "parcellation_reports_wf"):
+    """Reportlet of the cortical parcellation: outlines of the cortical parcels, in the colours of the
+    protocol's table, on the preprocessed T1w (``figures/<source>_seg-<x>_dseg.svg``)."""
+    from bids_app.core.labels import protocol_families
+
+    prot = load_protocol(protocol)
+    cortex = [int(prot.indices[k]) for k in protocol_families(prot).get("cortex", [])]
+    wf = pe.Workflow(name=name)
+    inputnode = pe.Node(niu.IdentityInterface(fields=["t1w_preproc", "conformed_fine_dseg"]), name="inputnode")
+    parc_rpt = pe.Node(SegmentationRPT(protocol=protocol, include=cortex,
+                                       title=f"Cortical parcellation ({protocol} protocol)"), name="parc_rpt")
+    ds_parc = pe.Node(DerivativesDataSink(base_directory=output_dir, source_file=source_file, entities={
+        "datatype": "figures", "extension": ".svg", "segmentation": seg_entity(protocol), "suffix": "dseg"}),
+        name="ds_parc_rpt", run_without_submitting=True)
+    wf.connect([
+        (inputnode, parc_rpt, [("t1w_preproc", "in_file"), ("conformed_fine_dseg", "dseg")]),
+        (parc_rpt, ds_parc, [("out_report", "in_file")]),
     ])
     return wf
 

@@ -1,5 +1,6 @@
-"""Group level: gather every subject's record into ``group.tsv`` and ``group.html``, and the whole-brain
-segmentation tables into ``group_volumes_<seg>.tsv`` and ``group_seg_qc.tsv``."""
+"""Group level: gather every subject's record into ``group.tsv`` and ``group.html``, the whole-brain
+segmentation tables into ``group_volumes_<seg>.tsv`` and ``group_seg_qc.tsv``, and the cortical
+parcellation's into ``group_volumes_dkt.tsv`` and ``group_seg_qc_dkt.tsv``."""
 
 from __future__ import annotations
 
@@ -68,17 +69,29 @@ def _tsv(columns, rows) -> str:
     return buf.getvalue()
 
 
-def collect_segmentations(output_dir: Path, records: list[dict]) -> tuple[dict[str, list[dict]], list[dict]]:
-    """Every subject's ``_morph.tsv`` and ``_qc.json``: ``({seg: [row per subject]}, [QC row per subject])``.
+#: the QC file (``seg-<x>_qc.json``) of the whole-brain branch; every other one is a parcellation's
+WHOLEBRAIN_SEG = "wholebrain"
 
-    Volume rows hold ``label``, ``subject``, ``session``, ``report`` and one key per structure name
-    (mm3); the QC rows the :data:`SEG_QC_COLUMNS`.
+
+def qc_table_name(seg: str) -> str:
+    """``group_seg_qc.tsv`` for the whole-brain segmentation, ``group_seg_qc_<seg>.tsv`` for a parcellation."""
+    return "group_seg_qc.tsv" if seg == WHOLEBRAIN_SEG else f"group_seg_qc_{seg}.tsv"
+
+
+def collect_segmentations(output_dir: Path, records: list[dict]) -> tuple[dict[str, list[dict]],
+                                                                          dict[str, list[dict]]]:
+    """Every subject's ``_morph.tsv`` and ``_qc.json``: ``({seg: [row per subject]}, {qc seg: [QC row per subject]})``.
+
+    Volume rows hold ``label``, ``subject``, ``session``, ``report``, ``seg_qc_flag`` (the flag of
+    the branch that wrote them: its own ``seg-<x>_qc.json``, else the whole-brain one) and one key
+    per structure name (mm3); the QC rows (keyed ``wholebrain`` and e.g. ``dkt``) the
+    :data:`SEG_QC_COLUMNS`.
     """
     from ..bids import derivative_path, source_entities
     from ..core.morphometry import read_morphometry_tsv
 
     volumes: dict[str, list[dict]] = {}
-    qc_rows: list[dict] = []
+    qc_rows: dict[str, list[dict]] = {}
     for rec in records:
         source = rec.get("source_file")
         if not source or rec.get("status") != "success":
@@ -86,32 +99,41 @@ def collect_segmentations(output_dir: Path, records: list[dict]) -> tuple[dict[s
         ents = source_entities(source)
         base = {"label": rec["label"], "subject": rec.get("subject"), "session": rec.get("session") or "",
                 "report": f"{rec['label']}.html"}
-        qc_path = Path(output_dir) / derivative_path(dict(ents, segmentation="wholebrain", suffix="qc",
-                                                          extension=".json"))
-        if not qc_path.is_file():
+
+        def files(suffix: str, extension: str) -> dict[str, Path]:
+            pattern = derivative_path(dict(ents, segmentation="SEGMENTATION", suffix=suffix, extension=extension))
+            found = sorted(Path(output_dir).glob(pattern.replace("SEGMENTATION", "*")))
+            return {p.name.split("_seg-", 1)[1].split("_", 1)[0]: p for p in found}
+
+        qcs = {seg: json.loads(path.read_text()) for seg, path in files("qc", ".json").items()}
+        if not qcs:
             continue
-        qc = json.loads(qc_path.read_text())
-        pattern = derivative_path(dict(ents, segmentation="SEGMENTATION", suffix="morph", extension=".tsv"))
-        flag = qc.get("QCFlag")
-        for path in sorted(Path(output_dir).glob(pattern.replace("SEGMENTATION", "*"))):
-            seg = path.name.split("_seg-", 1)[1].split("_", 1)[0]
-            row = dict(base, seg_qc_flag=flag)
+        for seg, path in files("morph", ".tsv").items():
+            qc = qcs.get(seg) or qcs.get(WHOLEBRAIN_SEG)
+            if qc is None:
+                continue
+            row = dict(base, seg_qc_flag=qc.get("QCFlag"))
             for item in read_morphometry_tsv(path):
                 row[item["name"]] = item.get("volume_mm3")
             volumes.setdefault(seg, []).append(row)
-        structures = ((qc.get("Protocols") or {}).get("aseg") or {}).get("Structures") or []
-        qc_rows.append(dict(
-            base, qc_flag=flag, mean_cv_percent=qc.get("MeanCVPercent"),
-            qc_threshold_percent=qc.get("QCThresholdPercent"), deep14_mean_cv_percent=qc.get("Deep14MeanCVPercent"),
-            n_structures_warn=sum(s.get("qc_flag") == "warn" for s in structures),
-            label_protocol=qc.get("LabelProtocol"), models="+".join(str(m.get("Name")) for m in qc.get("Models", [])),
-            mc_samples=qc.get("MCSamples"), seed=qc.get("Seed"), seg_mean_cv_percent=qc.get("MeanCVPercent")))
+        for seg, qc in qcs.items():
+            protocol = "aseg" if seg == WHOLEBRAIN_SEG else qc.get("LabelProtocol")
+            structures = ((qc.get("Protocols") or {}).get(protocol) or {}).get("Structures") or []
+            qc_rows.setdefault(seg, []).append(dict(
+                base, qc_flag=qc.get("QCFlag"), mean_cv_percent=qc.get("MeanCVPercent"),
+                qc_threshold_percent=qc.get("QCThresholdPercent"),
+                deep14_mean_cv_percent=qc.get("Deep14MeanCVPercent"),
+                n_structures_warn=sum(s.get("qc_flag") == "warn" for s in structures),
+                label_protocol=qc.get("LabelProtocol"),
+                models="+".join(str(m.get("Name")) for m in qc.get("Models", [])),
+                mc_samples=qc.get("MCSamples"), seed=qc.get("Seed"), seg_mean_cv_percent=qc.get("MeanCVPercent")))
     return volumes, qc_rows
 
 
-def write_segmentation_tables(output_dir: Path, volumes: dict[str, list[dict]], qc_rows: list[dict]) -> list[Path]:
-    """``group_volumes_<seg>.tsv`` (one row per subject/session, one column per structure, mm3) and
-    ``group_seg_qc.tsv``; returns the paths written."""
+def write_segmentation_tables(output_dir: Path, volumes: dict[str, list[dict]],
+                              qc_rows: dict[str, list[dict]]) -> list[Path]:
+    """``group_volumes_<seg>.tsv`` (one row per subject/session, one column per structure, mm3),
+    ``group_seg_qc.tsv`` (whole-brain) and ``group_seg_qc_<seg>.tsv`` (parcellations); returns the paths."""
     written = []
     for seg, rows in sorted(volumes.items()):
         structures: list[str] = []
@@ -122,27 +144,32 @@ def write_segmentation_tables(output_dir: Path, volumes: dict[str, list[dict]], 
         path = Path(output_dir) / f"group_volumes_{seg}.tsv"
         atomic_write_text(path, _tsv(["label", "subject", "session", *structures], rows))
         written.append(path)
-    if qc_rows:
-        path = Path(output_dir) / "group_seg_qc.tsv"
-        atomic_write_text(path, _tsv(SEG_QC_COLUMNS, qc_rows))
+    for seg, rows in sorted(qc_rows.items()):
+        path = Path(output_dir) / qc_table_name(seg)
+        atomic_write_text(path, _tsv(SEG_QC_COLUMNS, rows))
         written.append(path)
     return written
 
 
-def segmentation_figures(output_dir: Path, volumes: dict[str, list[dict]], qc_rows: list[dict]) -> list[dict]:
-    """One strip plot per structure family of the aseg protocol, and the mean CV of every subject."""
+def segmentation_figures(output_dir: Path, volumes: dict[str, list[dict]],
+                         qc_rows: dict[str, list[dict]]) -> list[dict]:
+    """The mean CV of every subject (per branch), and one strip plot per structure family of the aseg protocol."""
     from ..core.labels import load_protocol, protocol_families
     from ..reports.reportlets import plot_group_strip, plot_group_structures
 
     figures = []
     (Path(output_dir) / "figures").mkdir(parents=True, exist_ok=True)
-    if qc_rows:
-        rel = "figures/group_desc-segmeancv_strip.svg"
-        plot_group_strip(qc_rows, "seg_mean_cv_percent", Path(output_dir) / rel, label_key="label",
-                         link_key="report", title="Segmentation: mean volume CV over MC-dropout samples (%)")
-        figures.append({"path": rel, "caption": "Whole-brain segmentation: mean volume CV over the Monte-Carlo "
-                                                "dropout samples (%)"})
-    rows = volumes.get("wholebrain") or []
+    for seg, rows in sorted(qc_rows.items(), key=lambda item: item[0] != WHOLEBRAIN_SEG):
+        if seg == WHOLEBRAIN_SEG:
+            rel, what = "figures/group_desc-segmeancv_strip.svg", "Whole-brain segmentation"
+            title = "Segmentation: mean volume CV over MC-dropout samples (%)"
+        else:
+            rel, what = f"figures/group_seg-{seg}_desc-meancv_strip.svg", f"Cortical parcellation (seg-{seg})"
+            title = f"{what}: mean volume CV over MC-dropout samples (%)"
+        plot_group_strip(rows, "seg_mean_cv_percent", Path(output_dir) / rel, label_key="label",
+                         link_key="report", title=title)
+        figures.append({"path": rel, "caption": f"{what}: mean volume CV over the Monte-Carlo dropout samples (%)"})
+    rows = volumes.get(WHOLEBRAIN_SEG) or []
     if not rows:
         return figures
     protocol = load_protocol("aseg")
@@ -184,9 +211,11 @@ def run_group(config) -> int:
     figures += segmentation_figures(output_dir, volumes, qc_rows)
     failed = [r for r in rows if r["status"] != "success"]
     warnings = [f"{r['label']}: {r['status']} ({r['error']})" for r in failed]
-    warnings += [f"{q['label']}: whole-brain segmentation QC warn (mean volume CV "
-                 f"{'undefined' if q['mean_cv_percent'] is None else format(q['mean_cv_percent'], '.3g') + ' %'}, "
-                 f"threshold {q['qc_threshold_percent']} %)" for q in qc_rows if q.get("qc_flag") == "warn"]
+    for seg, rows_qc in sorted(qc_rows.items(), key=lambda item: item[0] != WHOLEBRAIN_SEG):
+        what = "whole-brain segmentation" if seg == WHOLEBRAIN_SEG else f"cortical parcellation (seg-{seg})"
+        warnings += [f"{q['label']}: {what} QC warn (mean volume CV "
+                     f"{'undefined' if q['mean_cv_percent'] is None else format(q['mean_cv_percent'], '.3g') + ' %'}"
+                     f", threshold {q['qc_threshold_percent']} %)" for q in rows_qc if q.get("qc_flag") == "warn"]
     context = {
         "version": config.version, "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": config.command, "n_subjects": len(rows), "n_failed": len(failed), "columns": list(METRICS),

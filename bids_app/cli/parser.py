@@ -79,9 +79,20 @@ class _ListModels(argparse.Action):
         parser.exit(0)
 
 
+class _Parser(argparse.ArgumentParser):
+    """``argparse`` plus the option conflicts a mutually exclusive group cannot express."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        opts, extra = super().parse_known_args(args, namespace)
+        if getattr(opts, "no_seg", False) and getattr(opts, "parc_models", None):
+            self.error("argument --parc-models: not allowed with argument --no-seg (which switches off the "
+                       "whole-brain segmentation and the cortical parcellation)")
+        return opts, extra
+
+
 def get_parser() -> argparse.ArgumentParser:
     """The parser of ``arborseg``; every option is documented in the README."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="arborseg",
         description="ArborSeg: preprocessing and segmentation of anatomical MRI in BIDS datasets (BIDS App).",
         epilog=EPILOG,
@@ -145,9 +156,19 @@ def get_parser() -> argparse.ArgumentParser:
     choice.add_argument("--seg-models", nargs="+", type=Path, metavar="PATH",
                         help="model checkpoints (<name>.json or <name>.safetensors, or the stem) of the whole-brain "
                              "ensemble; default: the installed models whose manifest has \"task\": \"wholebrain\"")
-    choice.add_argument("--no-seg", action="store_true", help="do not run the whole-brain segmentation")
+    choice.add_argument("--no-seg", action="store_true",
+                        help="do not run the whole-brain segmentation nor the cortical parcellation")
     seg.add_argument("--mc-samples", type=_positive_int, default=15, metavar="N",
-                     help="Monte-Carlo dropout samples per subject for the segmentation QC (default 15)")
+                     help="Monte-Carlo dropout samples per subject for the segmentation and parcellation QC "
+                          "(default 15)")
+
+    parc = parser.add_argument_group("cortical parcellation")
+    parc_choice = parc.add_mutually_exclusive_group()
+    parc_choice.add_argument("--parc-models", nargs="+", type=Path, metavar="PATH",
+                             help="model checkpoints of the cortical parcellation ensemble (dkt-aseg protocol; "
+                                  "writes the seg-dkt outputs); default: the installed models whose manifest has "
+                                  "\"task\": \"parcellation\"")
+    parc_choice.add_argument("--no-parc", action="store_true", help="do not run the cortical parcellation")
 
     other = parser.add_argument_group("other")
     other.add_argument("-v", "--verbose", action="count", default=0,

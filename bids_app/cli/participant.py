@@ -157,6 +157,12 @@ def run_participant(config: RunConfig, *, clean_workdir: bool = False) -> int:
                     len(seg.checkpoints), seg.origin, seg.protocol, seg.mc_samples, config.device)
     elif seg.enabled:
         LOGGER.warning("whole-brain segmentation skipped: %s", seg.reason)
+    parc = config.parcellation
+    if parc.active:
+        LOGGER.info("cortical parcellation: %d model(s) (%s, %s protocol), %d MC-dropout samples, device %s",
+                    len(parc.checkpoints), parc.origin, parc.protocol, parc.mc_samples, config.device)
+    elif parc.enabled:
+        LOGGER.info("cortical parcellation not run: %s", parc.reason)
     write_citation(config, versions)
     for run in runs.values():
         preflight(run)
@@ -206,7 +212,8 @@ def _execute(config: RunConfig, template, runs: dict[str, SubjectRun], ready: li
     wf = init_arborseg_wf(subjects=[r.inputs for r in ready], bids_dir=config.bids_dir, output_dir=config.output_dir,
                           work_dir=config.work_dir, template=template, preproc=config.preproc,
                           omp_nthreads=config.omp_nthreads, random_seed=config.random_seed,
-                          segmentation=config.segmentation, device=config.device)
+                          segmentation=config.segmentation, parcellation=config.parcellation,
+                          device=config.device)
     wf.config["execution"].update({"crashdump_dir": str(crash_dir), "crashfile_format": "txt",
                                    "stop_on_first_crash": config.stop_on_first_crash,
                                    "poll_sleep_duration": 0.2})
@@ -233,7 +240,7 @@ def _execute(config: RunConfig, template, runs: dict[str, SubjectRun], ready: li
 
 def _check_outputs(config: RunConfig, run: SubjectRun) -> None:
     """A subject is a success only when its main derivatives exist."""
-    from ..bids import derivative_path, source_entities
+    from ..bids import derivative_path, seg_entity, source_entities
 
     if run.status == "failed":
         return
@@ -241,6 +248,9 @@ def _check_outputs(config: RunConfig, run: SubjectRun) -> None:
     required = [dict(ents, desc="preproc", suffix="T1w", extension=".nii.gz")]
     if config.segmentation.active:
         required.append(dict(ents, segmentation="wholebrain", suffix="qc", extension=".json"))
+    if config.parcellation.active:
+        required.append(dict(ents, segmentation=seg_entity(config.parcellation.protocol), suffix="qc",
+                             extension=".json"))
     if all((config.output_dir / derivative_path(e)).is_file() for e in required):
         run.status = "success"
     else:

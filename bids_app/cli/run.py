@@ -62,8 +62,13 @@ def build_config(opts, argv: list[str]):
     preproc = PreprocConfig(voxel_size=opts.voxel_size, denoise=not opts.no_denoise)
     if opts.analysis_level == "participant" and not opts.reports_only:
         segmentation = segmentation_config(opts)
+        parcellation = parcellation_config(opts)
+        _check_no_collision(segmentation, parcellation)
     else:
         segmentation = SegmentationConfig(enabled=not opts.no_seg, mc_samples=opts.mc_samples)
+        parcellation = SegmentationConfig(enabled=not (opts.no_seg or opts.no_parc), mc_samples=opts.mc_samples,
+                                          task="parcellation",
+                                          switched_off_by="--no-seg" if opts.no_seg else "--no-parc")
     return RunConfig(
         bids_dir=bids_dir, output_dir=output_dir, analysis_level=opts.analysis_level, work_dir=work_dir,
         participant_label=strip_prefix(opts.participant_label, "sub-"),
@@ -73,7 +78,8 @@ def build_config(opts, argv: list[str]):
         device=opts.device, random_seed=opts.random_seed, stop_on_first_crash=opts.stop_on_first_crash,
         reports_only=opts.reports_only, template=opts.template,
         templateflow_home=opts.templateflow_home.expanduser().resolve() if opts.templateflow_home else None,
-        verbosity=opts.verbose, preproc=preproc, segmentation=segmentation, version=__version__,
+        verbosity=opts.verbose, preproc=preproc, segmentation=segmentation,
+        parcellation=parcellation, version=__version__,
         command=" ".join(shlex.quote(a) for a in ["arborseg", *argv]), run_uuid=_run_id(),
     ), opts.clean_workdir
 
@@ -98,6 +104,41 @@ def segmentation_config(opts):
     manifests, protocol = validate_wholebrain_checkpoints(paths)
     return SegmentationConfig(enabled=True, checkpoints=tuple(manifests), origin=origin, protocol=protocol,
                               mc_samples=opts.mc_samples)
+
+
+def parcellation_config(opts):
+    """The cortical parcellation branch: ``--no-seg``/``--no-parc``, ``--parc-models`` (checked now) or the
+    installed models whose manifest says ``"task": "parcellation"``.
+
+    Without either, the branch is absent (one log line, one line in the report). A checkpoint that
+    cannot be used is a :class:`~bids_app.models.checkpoint.ModelError` (exit code 4) before any work.
+    """
+    from ..config import SegmentationConfig
+    from ..models.segment import PARCELLATION_TASK, default_parcellation_models, validate_parcellation_checkpoints
+
+    if opts.no_seg or opts.no_parc:
+        return SegmentationConfig(enabled=False, mc_samples=opts.mc_samples, task=PARCELLATION_TASK,
+                                  switched_off_by="--no-seg" if opts.no_seg else "--no-parc")
+    if opts.parc_models:
+        paths, origin = list(opts.parc_models), "--parc-models"
+    else:
+        paths, origin = default_parcellation_models(), "installed"
+        if not paths:
+            return SegmentationConfig(enabled=True, mc_samples=opts.mc_samples, task=PARCELLATION_TASK)
+    manifests, protocol = validate_parcellation_checkpoints(paths)
+    return SegmentationConfig(enabled=True, checkpoints=tuple(manifests), origin=origin, protocol=protocol,
+                              mc_samples=opts.mc_samples, task=PARCELLATION_TASK)
+
+
+def _check_no_collision(segmentation, parcellation) -> None:
+    """Both branches would write the same ``seg-<x>`` files (a whole-brain ensemble in the parcellation's protocol)."""
+    from ..bids import seg_entity
+    from ..models.checkpoint import ModelError
+
+    if segmentation.active and parcellation.active and segmentation.protocol == parcellation.protocol:
+        raise ModelError(f"the whole-brain models ({segmentation.origin}) use the parcellation's protocol "
+                         f"{parcellation.protocol!r}: both would write the seg-{seg_entity(parcellation.protocol)} "
+                         f"outputs; use aseg whole-brain models, or --no-parc")
 
 
 def _run_id() -> str:

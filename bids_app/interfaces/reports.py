@@ -11,6 +11,7 @@ from nipype.interfaces.base import (
     SimpleInterface,
     Str,
     TraitedSpec,
+    isdefined,
     traits,
 )
 
@@ -125,6 +126,7 @@ class _SegmentationInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="anatomical image")
     dseg = File(exists=True, mandatory=True, desc="label image")
     protocol = Str(mandatory=True, desc="label protocol of dseg: its colour column colours the outlines")
+    include = traits.List(traits.Int, desc="label values to outline (default: all); others are left out")
     title = Str("", usedefault=True)
 
 
@@ -141,8 +143,15 @@ class SegmentationRPT(SimpleInterface):
         protocol = load_protocol(self.inputs.protocol)
         colors = {int(i): c for i, c in zip(protocol.indices, protocol.colors) if c}
         out = os.path.abspath("segmentation.svg")
-        plot_segmentation(_load(self.inputs.in_file), _load(self.inputs.dseg), out, colors=colors,
-                          title=self.inputs.title or None)
+        dseg = _load(self.inputs.dseg)
+        if isdefined(self.inputs.include) and self.inputs.include:
+            import nibabel as nb
+            import numpy as np
+
+            data = np.asarray(dseg.dataobj)
+            data = np.where(np.isin(data, [int(v) for v in self.inputs.include]), data, 0).astype(np.int16)
+            dseg = nb.Nifti1Image(data, dseg.affine)
+        plot_segmentation(_load(self.inputs.in_file), dseg, out, colors=colors, title=self.inputs.title or None)
         self._results["out_report"] = out
         return runtime
 

@@ -5,6 +5,9 @@ The work is :func:`bids_app.models.segment_files.segment_files`, run in a fresh 
 forked from one that already used it, which Nipype's MultiProc workers may be. ``isolate=False``
 runs it in the node's own process instead (tests, debugging).
 
+``fine_only=True`` is the cortical parcellation node: only the models' own protocol is written
+(``fine_*`` outputs and ``qc_json``); the aseg/CEREBRUM 7/probseg/entropy outputs stay undefined.
+
 ``num_threads`` and ``device`` are ``nohash``: changing them never invalidates the cache. The
 checkpoints are hashed by their manifest's content, which holds the weights' SHA-256.
 """
@@ -38,6 +41,9 @@ class _SegmentInputSpec(BaseInterfaceInputSpec):
     num_threads = traits.Int(1, usedefault=True, nohash=True, desc="CPU threads of PyTorch")
     device = traits.Enum("auto", "cpu", "cuda", "mps", usedefault=True, nohash=True, desc="where the networks run")
     isolate = traits.Bool(True, usedefault=True, nohash=True, desc="run in a fresh Python process")
+    fine_only = traits.Bool(False, usedefault=True,
+                            desc="write only the models' own protocol (cortical parcellation): no aseg, "
+                                 "CEREBRUM 7, probseg or entropy outputs")
 
 
 class _SegmentOutputSpec(TraitedSpec):
@@ -63,7 +69,7 @@ class _SegmentOutputSpec(TraitedSpec):
     qc_flag = Str(desc="pass or warn")
 
 
-def _run_isolated(spec: dict, cwd: str) -> dict:
+def _run_isolated(spec: dict, cwd: str, what: str = "whole-brain segmentation") -> dict:
     spec_file = os.path.join(cwd, "segment_spec.json")
     out_file = os.path.join(cwd, "segment_outputs.json")
     with open(spec_file, "w") as fh:
@@ -77,14 +83,17 @@ def _run_isolated(spec: dict, cwd: str) -> dict:
     if proc.returncode != 0 or not os.path.exists(out_file):
         lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
         last = next((ln for ln in reversed(lines) if ln.startswith("ERROR: ")), lines[-1] if lines else "")
-        raise RuntimeError(f"whole-brain segmentation failed (exit code {proc.returncode}): "
+        raise RuntimeError(f"{what} failed (exit code {proc.returncode}): "
                            f"{last.removeprefix('ERROR: ') or 'no message'}")
     with open(out_file) as fh:
         return json.load(fh)
 
 
 class WholeBrainSegmentation(SimpleInterface):
-    """Whole-brain labels (fine protocol, aseg, CEREBRUM 7), probability maps, entropy, volumes and QC."""
+    """Whole-brain labels (fine protocol, aseg, CEREBRUM 7), probability maps, entropy, volumes and QC.
+
+    With ``fine_only`` (cortical parcellation): the fine protocol's labels, tables and QC only.
+    """
 
     input_spec = _SegmentInputSpec
     output_spec = _SegmentOutputSpec
@@ -99,26 +108,30 @@ class WholeBrainSegmentation(SimpleInterface):
             "seed": int(self.inputs.seed), "device": self.inputs.device, "num_threads": int(self.inputs.num_threads),
             "modality": self.inputs.modality,
             "icv_ml": float(self.inputs.icv_ml) if isdefined(self.inputs.icv_ml) else None,
+            "fine_only": bool(self.inputs.fine_only),
         }
+        what = "cortical parcellation" if self.inputs.fine_only else "whole-brain segmentation"
         if self.inputs.isolate:
-            out = _run_isolated(spec, runtime.cwd)
+            out = _run_isolated(spec, runtime.cwd, what)
         else:
             from ..models.segment_files import segment_files
 
             out = json.loads(json.dumps(segment_files(**spec)))
         fine = out["fine_protocol"]
         self._results.update(
-            fine_protocol=fine,
-            fine_dseg=out["dseg"][fine], aseg_dseg=out["dseg"]["aseg"], cerebrum7_dseg=out["dseg"]["cerebrum7"],
-            fine_dseg_tsv=out["dseg_tsv"][fine], aseg_dseg_tsv=out["dseg_tsv"]["aseg"],
-            cerebrum7_dseg_tsv=out["dseg_tsv"]["cerebrum7"],
-            probseg_cerebrum7=out["probseg"], probseg_labels=out["probseg_labels"], entropy=out["entropy"],
-            fine_morph=out["morph"][fine], aseg_morph=out["morph"]["aseg"], cerebrum7_morph=out["morph"]["cerebrum7"],
-            qc_json=out["qc_json"],
-            conformed_fine_dseg=out["conformed_dseg"][fine], conformed_aseg_dseg=out["conformed_dseg"]["aseg"],
-            conformed_cerebrum7_dseg=out["conformed_dseg"]["cerebrum7"],
-            conformed_entropy=out["conformed_entropy"],
+            fine_protocol=fine, fine_dseg=out["dseg"][fine], fine_dseg_tsv=out["dseg_tsv"][fine],
+            fine_morph=out["morph"][fine], qc_json=out["qc_json"], conformed_fine_dseg=out["conformed_dseg"][fine],
             mean_cv_percent=float("nan") if out["mean_cv_percent"] is None else float(out["mean_cv_percent"]),
             qc_flag=out["qc_flag"],
         )
+        if not self.inputs.fine_only:
+            self._results.update(
+                aseg_dseg=out["dseg"]["aseg"], cerebrum7_dseg=out["dseg"]["cerebrum7"],
+                aseg_dseg_tsv=out["dseg_tsv"]["aseg"], cerebrum7_dseg_tsv=out["dseg_tsv"]["cerebrum7"],
+                probseg_cerebrum7=out["probseg"], probseg_labels=out["probseg_labels"], entropy=out["entropy"],
+                aseg_morph=out["morph"]["aseg"], cerebrum7_morph=out["morph"]["cerebrum7"],
+                conformed_aseg_dseg=out["conformed_dseg"]["aseg"],
+                conformed_cerebrum7_dseg=out["conformed_dseg"]["cerebrum7"],
+                conformed_entropy=out["conformed_entropy"],
+            )
         return runtime

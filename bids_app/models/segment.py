@@ -19,6 +19,9 @@ the ICV) and an ensemble of checkpoints that share one label protocol:
    image shape) and renormalised to sum to 1. Members with another voxel size get their own
    grid; their image-grid probabilities are averaged, weighted by the number of members.
 4. **Labels** are the argmax of the image-grid probabilities, as label values of the protocol.
+   With an intracranial ``mask`` (same grid as the image), every voxel outside it is background:
+   its probabilities become 1 for the background class and 0 for the others (its entropy 0)
+   before the argmax, so no label and no probability map leaks out of the intracranial volume.
 
 QC: the volumes of every MC sample (argmax on the model grid, in mm3) give each structure's
 coefficient of variation (CV, ``100 * std / mean``), their mean over the structures
@@ -67,6 +70,10 @@ log = logging.getLogger(__name__)
 
 #: manifest ``task`` of the whole-brain models picked by :func:`default_wholebrain_models`
 WHOLEBRAIN_TASK = "wholebrain"
+#: manifest ``task`` of the cortical parcellation models picked by :func:`default_parcellation_models`
+PARCELLATION_TASK = "parcellation"
+#: the protocol a parcellation protocol must refine (merge into) and must not be
+PARCELLATION_BASE = "aseg"
 #: protocols every whole-brain result is also given in (the fine protocol must merge into both)
 COARSE_PROTOCOLS = ("aseg", "cerebrum7")
 #: classes upsampled at a time (bounds the temporary memory of the interpolation)
@@ -141,16 +148,10 @@ def protocol_of(manifest: dict) -> Protocol:
     return protocol
 
 
-def validate_wholebrain_checkpoints(paths: Sequence[str | os.PathLike]) -> tuple[list[Path], str]:
-    """Check checkpoints before any work, without torch; returns ``(manifest paths, protocol name)``.
-
-    Every manifest must be valid and name a registered architecture, its weights must exist, be
-    a safetensors file and match the manifest's checksum; all members must share one label
-    protocol that merges into ``aseg`` and ``cerebrum7`` and take one input channel. Raises
-    :class:`ModelError` (exit code 4) with one line naming the file.
-    """
+def _validate_checkpoints(paths: Sequence[str | os.PathLike], kind: str) -> tuple[list[Path], str]:
+    """Manifests, weights (safetensors, checksum), one input channel and one shared protocol; no torch."""
     if not paths:
-        raise ModelError("no segmentation checkpoints given")
+        raise ModelError(f"no {kind} checkpoints given")
     manifests: list[Path] = []
     protocol: str | None = None
     for raw in paths:
@@ -173,7 +174,7 @@ def validate_wholebrain_checkpoints(paths: Sequence[str | os.PathLike]) -> tuple
                              f"or was modified")
         del blob
         if len(manifest["input_channels"]) != 1:
-            raise ModelError(f"{manifest_path}: whole-brain models take one input channel (T1w), this one takes "
+            raise ModelError(f"{manifest_path}: {kind} models take one input channel (T1w), this one takes "
                              f"{len(manifest['input_channels'])}")
         name = manifest["label_protocol"]["name"]
         if protocol is None:
@@ -182,12 +183,43 @@ def validate_wholebrain_checkpoints(paths: Sequence[str | os.PathLike]) -> tuple
             raise ModelError(f"{manifest_path}: label protocol {name!r} differs from the other models' {protocol!r}")
         manifests.append(manifest_path.resolve())
     assert protocol is not None
+    return manifests, protocol
+
+
+def validate_wholebrain_checkpoints(paths: Sequence[str | os.PathLike]) -> tuple[list[Path], str]:
+    """Check checkpoints before any work, without torch; returns ``(manifest paths, protocol name)``.
+
+    Every manifest must be valid and name a registered architecture, its weights must exist, be
+    a safetensors file and match the manifest's checksum; all members must share one label
+    protocol that merges into ``aseg`` and ``cerebrum7`` and take one input channel. Raises
+    :class:`ModelError` (exit code 4) with one line naming the file.
+    """
+    manifests, protocol = _validate_checkpoints(paths, "whole-brain")
     for coarse in COARSE_PROTOCOLS:
         try:
             merge_chain(protocol, coarse)
         except ProtocolError:
             raise ModelError(f"{manifests[0]}: label protocol {protocol!r} cannot be merged into {coarse!r}; "
                              f"whole-brain models must use aseg or dkt-aseg") from None
+    return manifests, protocol
+
+
+def validate_parcellation_checkpoints(paths: Sequence[str | os.PathLike]) -> tuple[list[Path], str]:
+    """Like :func:`validate_wholebrain_checkpoints` for the cortical parcellation ensemble.
+
+    The shared protocol must be a shipped refinement of ``aseg`` (it merges into it, e.g.
+    ``dkt-aseg``) and not ``aseg``/``cerebrum7`` themselves: the parcellation writes only its own
+    protocol's outputs (``seg-<protocol>``), which must not collide with the whole-brain ones.
+    """
+    manifests, protocol = _validate_checkpoints(paths, "parcellation")
+    if protocol in COARSE_PROTOCOLS:
+        raise ModelError(f"{manifests[0]}: label protocol {protocol!r} is a whole-brain protocol; parcellation "
+                         f"models must use a finer one (dkt-aseg)")
+    try:
+        merge_chain(protocol, PARCELLATION_BASE)
+    except ProtocolError:
+        raise ModelError(f"{manifests[0]}: label protocol {protocol!r} cannot be merged into "
+                         f"{PARCELLATION_BASE!r}; parcellation models must use dkt-aseg") from None
     return manifests, protocol
 
 
@@ -200,17 +232,26 @@ def read_manifests(paths: Sequence[str | os.PathLike]) -> list[dict]:
     return out
 
 
-def default_wholebrain_models(folder: str | os.PathLike | None = None) -> list[str]:
-    """Manifest paths of the installed checkpoints whose manifest says ``"task": "wholebrain"``."""
+def _default_models(task: str, folder: str | os.PathLike | None = None) -> list[str]:
     found = []
     for row in list_models(folder):
         try:
             manifest = json.loads(Path(row["path"]).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
-        if manifest.get("task") == WHOLEBRAIN_TASK:
+        if manifest.get("task") == task:
             found.append(row["path"])
     return sorted(found)
+
+
+def default_wholebrain_models(folder: str | os.PathLike | None = None) -> list[str]:
+    """Manifest paths of the installed checkpoints whose manifest says ``"task": "wholebrain"``."""
+    return _default_models(WHOLEBRAIN_TASK, folder)
+
+
+def default_parcellation_models(folder: str | os.PathLike | None = None) -> list[str]:
+    """Manifest paths of the installed checkpoints whose manifest says ``"task": "parcellation"``."""
+    return _default_models(PARCELLATION_TASK, folder)
 
 
 def _load_members(checkpoints_or_models: Sequence[Any], manifests: Sequence[dict] | None) -> list[tuple[Any, dict]]:
@@ -329,6 +370,7 @@ def segment_volume(
     modality: str = "T1w",
     image_voxel_mm: float | Sequence[float] = 1.0,
     threshold: float | None = None,
+    mask: np.ndarray | None = None,
 ) -> SegmentationResult:
     """Segment a conformed, normalised ``(X, Y, Z)`` image with an MC-dropout ensemble.
 
@@ -341,6 +383,9 @@ def segment_volume(
         device, num_threads: where and with how many CPU threads the networks run.
         modality: selects the QC threshold (1 % for T1w, 2.5 % otherwise); ``threshold`` overrides it.
         image_voxel_mm: voxel size of ``image`` (ArborSeg's conformed grid is 1 mm by default).
+        mask: optional intracranial mask on the image grid: outside it the probabilities are
+            forced to background (1 for background, 0 for the rest), hence label 0 and entropy 0.
+            The MC-sample volumes of the QC (model grid) are not masked.
     """
     from .mcdropout import mean_cv, mc_dropout, predictive_entropy, qc_flag, qc_threshold, volume_statistics
 
@@ -351,6 +396,12 @@ def segment_volume(
     if not np.isfinite(image).all():
         raise ValueError("the image contains NaN or Inf values")
     image_vox = _voxel_triplet(image_voxel_mm)
+    outside = None
+    if mask is not None:
+        mask = np.asarray(mask)
+        if mask.shape != image.shape:
+            raise ValueError(f"the mask's shape {mask.shape} differs from the image's {image.shape}")
+        outside = ~(mask > 0.5) if mask.dtype != bool else ~mask
     members = _load_members(checkpoints_or_models, manifests)
     t_loaded = time.perf_counter()
 
@@ -418,11 +469,15 @@ def segment_volume(
     np.maximum(total, np.float32(1e-12), out=total)
     probs /= total[None]
     del total
+    if outside is not None and outside.any():
+        force_background(probs, outside, protocol)
+        entropy = np.asarray(entropy, dtype=np.float32)
+        entropy[outside] = 0.0
     classes = probs.argmax(axis=0)
     labels = protocol.to_labels(classes)
     del classes
     if len(groups) > 1:
-        entropy = predictive_entropy(probs)
+        entropy = predictive_entropy(probs)  # 0 outside the mask: the probabilities are one-hot there
     _, _, cv = volume_statistics(volumes)
     background = 0 if protocol.indices and protocol.indices[0] == 0 else None
     mcv = mean_cv(cv, background)
@@ -438,6 +493,18 @@ def segment_volume(
         mc_volumes_mm3=volumes, n_samples=int(mc_samples), seed=int(seed), modality=modality,
         voxel_size_mm=image_vox, model_voxel_sizes_mm=list(groups), manifests=[m for _, m in members],
     )
+
+
+def force_background(probs: np.ndarray, outside: np.ndarray, protocol: Protocol) -> None:
+    """In place: ``probs[:, outside]`` becomes one-hot on the background class (label value 0).
+
+    Raises :class:`ValueError` when the protocol has no background class.
+    """
+    if 0 not in protocol.indices:
+        raise ValueError(f"protocol {protocol.name!r} has no background class (label 0)")
+    background = protocol.indices.index(0)
+    for k in range(probs.shape[0]):  # class by class: no (K, n_outside) temporary
+        probs[k][outside] = 1.0 if k == background else 0.0
 
 
 # --------------------------------------------------------------------------- coarser protocols

@@ -12,6 +12,13 @@
 * ``<protocol>_morph.tsv`` (volumes from the conformed labels, see
   :mod:`bids_app.core.morphometry`), ``<protocol>_dseg.tsv`` (the protocol tables) and ``qc.json``.
 
+Voxels outside the intracranial mask are background in every label map and probability map
+(:func:`bids_app.models.segment.segment_volume` with ``mask``).
+
+``fine_only=True`` (the cortical parcellation ensemble) writes only the models' own protocol:
+its label maps, ``dseg.tsv``, ``morph.tsv`` and ``qc.json`` (with the deep-structure QC when the
+protocol merges into ``deep14``); no coarser protocols, probability maps or entropy.
+
 Memory: the fine protocol's probabilities on the conformed grid, plus one conformed and one
 native volume at a time; the probabilities are released before the label maps are resampled.
 
@@ -74,8 +81,11 @@ def _structures(protocol, cv: Sequence[float], threshold: float) -> list[dict]:
 
 def segment_files(t1w_preproc: str, icv_mask: str, source_file: str, checkpoints: Sequence[str], *, out_dir: str,
                   mc_samples: int = 15, seed: int = 42, device: str = "auto", num_threads: int | None = None,
-                  modality: str = "T1w", icv_ml: float | None = None) -> dict:
-    """Segment, write every output into ``out_dir``; returns the paths and the QC summary (JSON-friendly)."""
+                  modality: str = "T1w", icv_ml: float | None = None, fine_only: bool = False) -> dict:
+    """Segment, write every output into ``out_dir``; returns the paths and the QC summary (JSON-friendly).
+
+    ``fine_only``: only the models' own protocol (see the module docstring).
+    """
     import nibabel as nb
 
     out = Path(out_dir)
@@ -88,15 +98,17 @@ def segment_files(t1w_preproc: str, icv_mask: str, source_file: str, checkpoints
     image = np.asarray(conf.dataobj, dtype=np.float32) * mask
     if icv_ml is None or not icv_ml > 0:
         icv_ml = float(mask.sum()) * float(np.prod(vox)) / 1000.0
-    del mask
 
     result = segment_volume(image, list(checkpoints), mc_samples=mc_samples, seed=seed, device=device,
-                            num_threads=num_threads, modality=modality, image_voxel_mm=vox)
-    del image
+                            num_threads=num_threads, modality=modality, image_voxel_mm=vox, mask=mask)
+    del image, mask
     fine = result.protocol
-    protocols = [fine] + [load_protocol(name) for name in COARSE_PROTOCOLS if name != fine.name]
+    protocols = [fine]
+    if not fine_only:
+        protocols += [load_protocol(name) for name in COARSE_PROTOCOLS if name != fine.name]
     outputs: dict[str, Any] = {"fine_protocol": fine.name, "protocols": [p.name for p in protocols],
-                               "dseg": {}, "dseg_tsv": {}, "conformed_dseg": {}, "morph": {}}
+                               "fine_only": bool(fine_only), "dseg": {}, "dseg_tsv": {}, "conformed_dseg": {},
+                               "morph": {}}
 
     # labels (conformed grid), QC, tables
     labels: dict[str, np.ndarray] = {}
@@ -135,24 +147,26 @@ def segment_files(t1w_preproc: str, icv_mask: str, source_file: str, checkpoints
         return images.new_image(resample_to_grid(data, conf.affine, n_shape, n_affine, order=order, dtype=dtype),
                                 n_affine, dtype=dtype)
 
-    probseg = load_protocol(PROBSEG_PROTOCOL)
     outputs["probseg"], outputs["probseg_labels"] = [], []
-    for position, (index, abbreviation) in enumerate(zip(probseg.indices, probseg.abbreviations)):
-        if position == 0 and index == 0:
-            continue
-        prob = coarse_probability(result, probseg, position)
-        path = out / f"{probseg.name}_label-{abbreviation}_probseg.nii.gz"
-        outputs["probseg"].append(save_atomic(to_native(prob, 1, np.float32), path))
-        outputs["probseg_labels"].append(abbreviation)
-        del prob
+    if not fine_only:
+        probseg = load_protocol(PROBSEG_PROTOCOL)
+        for position, (index, abbreviation) in enumerate(zip(probseg.indices, probseg.abbreviations)):
+            if position == 0 and index == 0:
+                continue
+            prob = coarse_probability(result, probseg, position)
+            path = out / f"{probseg.name}_label-{abbreviation}_probseg.nii.gz"
+            outputs["probseg"].append(save_atomic(to_native(prob, 1, np.float32), path))
+            outputs["probseg_labels"].append(abbreviation)
+            del prob
     result.probabilities = None  # the largest array: gone before the label maps are resampled
 
     for protocol in protocols:
         name = protocol.name
         outputs["dseg"][name] = save_atomic(to_native(labels[name], 0, np.int16), out / f"{name}_dseg.nii.gz")
-    outputs["conformed_entropy"] = save_atomic(images.like(conf, result.entropy, dtype=np.float32),
-                                               out / "conformed_entropy.nii.gz")
-    outputs["entropy"] = save_atomic(to_native(result.entropy, 1, np.float32), out / "entropy.nii.gz")
+    if not fine_only:
+        outputs["conformed_entropy"] = save_atomic(images.like(conf, result.entropy, dtype=np.float32),
+                                                   out / "conformed_entropy.nii.gz")
+        outputs["entropy"] = save_atomic(to_native(result.entropy, 1, np.float32), out / "entropy.nii.gz")
 
     models = []
     for manifest in result.manifests:
@@ -160,9 +174,11 @@ def segment_files(t1w_preproc: str, icv_mask: str, source_file: str, checkpoints
                        "Architecture": manifest.get("architecture"), "VoxelSizeMM": manifest.get("voxel_size_mm"),
                        "LabelProtocol": manifest.get("label_protocol", {}).get("name"),
                        "SHA256": manifest.get("sha256")})
+    what = "cortical parcellation" if fine_only else "whole-brain segmentation"
     qc = {
-        "Description": "Monte-Carlo dropout quality control of the whole-brain segmentation: coefficient of "
+        "Description": f"Monte-Carlo dropout quality control of the {what}: coefficient of "
                        "variation (CV) of every structure's volume over the MC samples",
+        "Task": "parcellation" if fine_only else "wholebrain",
         "Models": models, "MCSamples": result.n_samples, "Seed": result.seed, "Modality": result.modality,
         "LabelProtocol": fine.name, "MeanCVPercent": _num(result.mean_cv_percent),
         "QCThresholdPercent": result.qc_threshold, "QCFlag": result.qc_flag,

@@ -41,6 +41,9 @@ SEGMENTATION_REPORTLETS: tuple[tuple[dict[str, Any], str], ...] = (
 )
 #: protocols whose volumes are copied into the record, in this order
 RECORD_SEGMENTATIONS = ("wholebrain", "cerebrum7", "dkt")
+#: caption of the cortical parcellation reportlet (``figures/<source>_seg-<x>_dseg.svg``)
+PARCELLATION_CAPTION = ("Outlines of the cortical parcels ({protocol} protocol, coloured by its label table) on the "
+                        "preprocessed T1w, in the conformed T1w space.")
 
 
 def software_versions() -> list[dict[str, str]]:
@@ -73,7 +76,7 @@ def boilerplate(config, versions) -> str:
         voxel_size=p.voxel_size, denoise_sentence=denoise, n4_shrink=p.n4_shrink_factor,
         n4_iterations="x".join(str(i) for i in p.n4_iterations), n4_spline=p.n4_spline_distance_mm,
         template=config.template, percentile=p.normalise_percentile, box=f"x, y, z: {box}"
-    ) + _segmentation_methods(config)
+    ) + _segmentation_methods(config) + _parcellation_methods(config)
 
 
 SEGMENTATION_REFERENCES = (
@@ -108,6 +111,26 @@ def _segmentation_methods(config) -> str:
         "structures exceeds 1 % (T1w). Labels were merged into the aseg and CEREBRUM 7-class protocols and "
         "resampled to the grid of the raw T1w with nearest-neighbour interpolation; volumes were counted on the "
         "T1w grid.\n\nSegmentation references\n" + SEGMENTATION_REFERENCES
+    )
+
+
+def _parcellation_methods(config) -> str:
+    """The cortical parcellation paragraph of the methods (empty when the branch does not run)."""
+    parc = getattr(config, "parcellation", None)
+    if parc is None or not parc.active:
+        return ""
+    from ..models.segment import read_manifests
+
+    manifests = read_manifests(parc.checkpoints)
+    names = ", ".join(f"{m['name']} {m['version']} ({m['architecture']})" for m in manifests)
+    seg = getattr(config, "segmentation", None)
+    refs = "" if seg is not None and seg.active else "\n\nSegmentation references\n" + SEGMENTATION_REFERENCES
+    return (
+        f"\nThe cortex was parcellated with a second ensemble of {len(manifests)} network(s) ({names}; "
+        f"{parc.protocol} label protocol) on the same input, with the same Monte-Carlo dropout estimate "
+        f"({parc.mc_samples} samples, seed {config.random_seed}) and volume-CV quality control; voxels outside the "
+        "intracranial mask were set to background, and the labels were resampled to the grid of the raw T1w with "
+        "nearest-neighbour interpolation." + refs
     )
 
 
@@ -159,6 +182,7 @@ def write_record(config, run, *, versions, template: str) -> dict:
         "runtimes": [{"stage": k, "seconds": round(v, 2)} for k, v in run.stage_seconds.items()],
         "metrics": _metrics(config.output_dir, str(inputs.t1w), template) if run.status == "success" else {},
         "segmentation": _segmentation_record(config, str(inputs.t1w) if inputs.t1w else None, run.status),
+        "parcellation": _parcellation_record(config, str(inputs.t1w) if inputs.t1w else None, run.status),
         "version": config.version, "command": config.command, "run_uuid": config.run_uuid,
         "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "software": versions,
         "bids_dir": str(config.bids_dir),
@@ -166,6 +190,9 @@ def write_record(config, run, *, versions, template: str) -> dict:
     seg = record["segmentation"]
     if seg.get("mean_cv_percent") is not None:
         record["metrics"]["seg_mean_cv_percent"] = round(float(seg["mean_cv_percent"]), 4)
+    parc = record["parcellation"]
+    if parc.get("mean_cv_percent") is not None:
+        record["metrics"]["parc_mean_cv_percent"] = round(float(parc["mean_cv_percent"]), 4)
     atomic_write_json(_record_path(config.output_dir, inputs.label), record)
     return record
 
@@ -178,31 +205,49 @@ def _derivative(output_dir: Path, source_file: str, **entities) -> Path:
 
 def _segmentation_record(config, source_file: str | None, status: str) -> dict:
     """What the whole-brain branch did for one subject: QC summary and volumes (from the derivatives)."""
-    from ..core.morphometry import read_morphometry_tsv
+    from ..bids import seg_entity
 
     seg = getattr(config, "segmentation", None)
+    own = {"wholebrain", "cerebrum7", seg_entity(seg.protocol) if seg is not None and seg.protocol else "wholebrain"}
+    return _branch_record(seg, config.output_dir, source_file, status, "wholebrain",
+                          tuple(n for n in RECORD_SEGMENTATIONS if n in own))
+
+
+def _parcellation_record(config, source_file: str | None, status: str) -> dict:
+    """What the cortical parcellation branch did for one subject (``seg-<x>_qc.json`` and its volumes)."""
+    from ..bids import seg_entity
+
+    parc = getattr(config, "parcellation", None)
+    name = seg_entity(parc.protocol) if parc is not None and parc.protocol else "dkt"
+    return _branch_record(parc, config.output_dir, source_file, status, name, (name,))
+
+
+def _branch_record(seg, output_dir: Path, source_file: str | None, status: str, qc_seg: str,
+                   volume_segs: tuple[str, ...]) -> dict:
+    from ..core.morphometry import read_morphometry_tsv
+
     if seg is None:
         return {"status": "off", "reason": "not configured"}
     if not seg.enabled:
         return {"status": "off", "reason": seg.reason}
     if not seg.active:
         return {"status": "skipped", "reason": seg.reason}
-    qc_path = _derivative(config.output_dir, source_file, segmentation="wholebrain", suffix="qc",
+    qc_path = _derivative(output_dir, source_file, segmentation=qc_seg, suffix="qc",
                           extension=".json") if source_file else None
     if status != "success" or qc_path is None or not qc_path.is_file():
         return {"status": "failed" if status != "success" else "missing", "reason": "no segmentation outputs"}
     qc = json.loads(qc_path.read_text())
     volumes = {}
-    for name in RECORD_SEGMENTATIONS:
-        path = _derivative(config.output_dir, source_file, segmentation=name, suffix="morph", extension=".tsv")
+    for name in volume_segs:
+        path = _derivative(output_dir, source_file, segmentation=name, suffix="morph", extension=".tsv")
         if path.is_file():
             volumes[name] = read_morphometry_tsv(path)
     return {
-        "status": "done", "models": [m.get("Name") for m in qc.get("Models", [])], "label_protocol":
-        qc.get("LabelProtocol"), "mc_samples": qc.get("MCSamples"), "seed": qc.get("Seed"),
+        "status": "done", "segmentation": qc_seg, "models": [m.get("Name") for m in qc.get("Models", [])],
+        "label_protocol": qc.get("LabelProtocol"), "mc_samples": qc.get("MCSamples"), "seed": qc.get("Seed"),
         "mean_cv_percent": qc.get("MeanCVPercent"), "qc_threshold_percent": qc.get("QCThresholdPercent"),
         "qc_flag": qc.get("QCFlag"), "deep14_mean_cv_percent": qc.get("Deep14MeanCVPercent"),
-        "icv_ml": qc.get("ICVML"), "qc_file": str(qc_path.relative_to(config.output_dir)), "volumes": volumes,
+        "icv_ml": qc.get("ICVML"), "qc_file": str(qc_path.relative_to(output_dir)), "volumes": volumes,
     }
 
 
@@ -213,6 +258,7 @@ METRIC_LABELS = {
     "registration_ncc": ("Correlation with the template after registration", ""),
     "runtime_s": ("Run time", "s"),
     "seg_mean_cv_percent": ("Segmentation: mean volume CV over MC-dropout samples", "%"),
+    "parc_mean_cv_percent": ("Cortical parcellation: mean volume CV over MC-dropout samples", "%"),
 }
 
 
@@ -277,6 +323,44 @@ def segmentation_section(output_dir: Path, record: dict) -> dict | None:
     return section
 
 
+def parcellation_section(output_dir: Path, record: dict) -> dict | None:
+    """The "Cortical parcellation" section: parcel outlines and the QC line; None when switched off.
+
+    No volume table (the parcels' volumes and QC flags are in ``_seg-<x>_morph.tsv``).
+    """
+    parc = record.get("parcellation") or {}
+    status = parc.get("status")
+    if status in (None, "off"):
+        return None
+    section: dict[str, Any] = {"title": "Cortical parcellation", "reportlets": []}
+    if status == "skipped":
+        section["description"] = f"Not run: {parc.get('reason') or 'no models'}."
+        return section
+    if status != "done":
+        section["description"] = "The parcellation did not finish (see the errors)."
+        return section
+    flag = str(parc.get("qc_flag") or "n/a")
+    mean_cv = parc.get("mean_cv_percent")
+    rows = next(iter((parc.get("volumes") or {}).values()), [])
+    n_warn = sum(r.get("qc_flag") == "warn" for r in rows)
+    seg = parc.get("segmentation") or "dkt"
+    section["description"] = (
+        f"Ensemble of {len(parc.get('models') or [])} model(s) ({', '.join(map(str, parc.get('models') or []))}), "
+        f"{parc.get('label_protocol')} protocol, {parc.get('mc_samples')} Monte-Carlo dropout samples (seed "
+        f"{parc.get('seed')}). Mean volume CV {'undefined' if mean_cv is None else _fmt(mean_cv, 3) + ' %'} "
+        f"against a threshold of {_fmt(parc.get('qc_threshold_percent'))} %: QC {flag.upper()}; {n_warn} of "
+        f"{len(rows)} structures flagged (volumes and flags: _seg-{seg}_morph.tsv).")
+    section["qc_flag"] = flag
+    source = record.get("source_file")
+    if source:
+        ents = dict(source_entities(source), segmentation=seg, suffix="dseg", datatype="figures", extension=".svg")
+        rel = derivative_path(ents)
+        if (Path(output_dir) / rel).is_file():
+            section["reportlets"].append({"path": rel, "caption": PARCELLATION_CAPTION.format(
+                protocol=parc.get("label_protocol"))})
+    return section
+
+
 def subject_context(output_dir: Path, record: dict) -> dict:
     """The template context of one subject report (schema in ``reports/report.py``)."""
     output_dir = Path(output_dir)
@@ -294,6 +378,9 @@ def subject_context(output_dir: Path, record: dict) -> dict:
     seg_section = segmentation_section(output_dir, record)
     if seg_section is not None:
         sections.append(seg_section)
+    parc_section = parcellation_section(output_dir, record)
+    if parc_section is not None:
+        sections.append(parc_section)
     citation = output_dir / "logs" / "CITATION.md"
     inputs = []
     for item in record.get("inputs", []):

@@ -59,6 +59,7 @@ class TrainConfig:
     cv_folds: int = 3
     cv_seed: int = 0
     version: str = "0.1.0"
+    init_from: str = ""  # checkpoint to start from; "{fold}" is replaced by the fold number
 
     @classmethod
     def from_toml(cls, path: str | Path, **overrides: Any) -> "TrainConfig":
@@ -205,6 +206,50 @@ def load_state(run_dir: Path, model, opt, gen: torch.Generator) -> tuple[int, li
 # --------------------------------------------------------------------------- loop
 
 
+def initialise_from(model, checkpoint: Path, protocol) -> None:
+    """Start from a trained checkpoint, possibly of a coarser protocol (transfer to a finer one).
+
+    Tensors of equal shape are copied. Tensors whose first axis is the class axis of the source
+    protocol (the output layer) are expanded to the finer protocol through the merge table: every
+    fine class starts as its coarse parent, with ``log(number of siblings)`` taken off its bias
+    so that the parent's probability is shared among its children.
+    """
+    from bids_app.models.checkpoint import load_checkpoint
+
+    source, manifest = load_checkpoint(checkpoint)
+    src_protocol = load_protocol(manifest["label_protocol"]["name"])
+    parent = None
+    if src_protocol.name != protocol.name:
+        chain = merge_chain(protocol.name, src_protocol.name)
+        parent = np.arange(len(protocol))
+        current = protocol
+        for dst in chain[1:]:
+            nxt = load_protocol(dst)
+            parent = class_merge_matrix(current, nxt, load_mapping(current.name, dst))[parent]
+            current = nxt
+    own = model.state_dict()
+    copied = expanded = 0
+    with torch.no_grad():
+        for key, value in source.state_dict().items():
+            if key not in own:
+                continue
+            if own[key].shape == value.shape:
+                own[key].copy_(value)
+                copied += 1
+            elif (parent is not None and value.shape[0] == len(src_protocol)
+                  and own[key].shape[0] == len(protocol) and own[key].shape[1:] == value.shape[1:]):
+                idx = torch.as_tensor(parent)
+                own[key].copy_(value[idx])
+                if own[key].ndim == 1:  # bias: share the parent's probability among its children
+                    siblings = torch.bincount(idx, minlength=len(src_protocol)).float()[idx]
+                    own[key].sub_(torch.log(siblings))
+                expanded += 1
+    model.load_state_dict(own)
+    log.info("initialised from %s: %d tensors copied, %d expanded %s -> %s", checkpoint, copied, expanded,
+             src_protocol.name, protocol.name)
+
+
+
 def _format_eta(seconds: float) -> str:
     seconds = int(max(0, seconds))
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
@@ -252,6 +297,11 @@ def fit(cfg: TrainConfig, data_root: Path, run_dir: Path, *, fold: int | None = 
     if resume and (run_dir / "state.safetensors").is_file():
         start, history = load_state(run_dir, model, opt, gen)
         log.info("resumed %s at iteration %d", run_dir, start)
+    elif cfg.init_from:
+        source = Path(cfg.init_from.replace("{fold}", str(fold)))
+        if not source.is_absolute():
+            source = Path(data_root) / source
+        initialise_from(model, source, protocol)
     config_path = run_dir / "config.toml"
     if not config_path.exists():
         import tomli_w

@@ -229,3 +229,31 @@ def test_seg_usage_errors(tmp_path):
         with pytest.raises(SystemExit) as exc:
             main([str(tmp_path), str(tmp_path / "o"), "participant", *extra])
         assert exc.value.code == EXIT_USAGE
+
+
+def test_bad_parc_models_fail_before_any_work(tmp_path, capsys, make_bids, phantom_templateflow):
+    from tests.conftest import tiny_parcellation_checkpoint, tiny_wholebrain_checkpoint
+
+    bids = make_bids({"01": {"T1w": blob_volume()}})
+    out = tmp_path / "out"
+    bad = tiny_parcellation_checkpoint(tmp_path / "bad-parc")
+    weights = bad.with_suffix(".safetensors")
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
+    aseg = tiny_wholebrain_checkpoint(tmp_path / "aseg")
+    dkt = tiny_wholebrain_checkpoint(tmp_path / "dkt", protocol="dkt-aseg")
+    parc = tiny_parcellation_checkpoint(tmp_path / "parc")
+    capsys.readouterr()  # the checkpoint writer's log lines (the root handler may still hold an old stream)
+    code, err = _run([bids, out, "participant", "--parc-models", bad, *_common(tmp_path, phantom_templateflow)],
+                     capsys)
+    assert code == EXIT_RESOURCE
+    errors = _error_lines(err)
+    assert len(errors) == 1 and "bad-parc.safetensors" in errors[0] and "checksum mismatch" in errors[0]
+    assert not out.exists() and not (tmp_path / "work").exists()
+    # an aseg ensemble is not a parcellation
+    code, err = _run([bids, out, "participant", "--parc-models", aseg, *_common(tmp_path, phantom_templateflow)],
+                     capsys)
+    assert code == EXIT_RESOURCE and "whole-brain protocol" in err and not out.exists()
+    # whole-brain models in the parcellation's protocol would write the same seg-dkt files
+    code, err = _run([bids, out, "participant", "--seg-models", dkt, "--parc-models", parc,
+                      *_common(tmp_path, phantom_templateflow)], capsys)
+    assert code == EXIT_RESOURCE and "seg-dkt" in err and "--no-parc" in err and not out.exists()

@@ -12,7 +12,7 @@ from bids_app.core.conform import conform
 from bids_app.core.labels import load_protocol
 from bids_app.core.morphometry import MORPH_COLUMNS, read_morphometry_tsv
 from bids_app.interfaces.segment import WholeBrainSegmentation
-from tests.conftest import tiny_wholebrain_checkpoint
+from tests.conftest import tiny_parcellation_checkpoint, tiny_wholebrain_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +128,40 @@ def test_a_broken_checkpoint_is_one_line(inputs, tmp_path, monkeypatch):
                                   source_file=str(inputs["raw"]), checkpoints=[str(bad)], mc_samples=1)
     with pytest.raises(RuntimeError, match="whole-brain segmentation failed .*ModelError: .*checksum mismatch"):
         node.run()
+
+
+def test_labels_are_background_outside_the_icv(inputs, isolated):
+    icv = np.asarray(nb.load(str(inputs["icv"])).dataobj) > 0
+    for path in (isolated.conformed_aseg_dseg, isolated.conformed_cerebrum7_dseg):
+        labels = np.asarray(nb.load(path).dataobj)
+        assert labels.shape == icv.shape and (labels[~icv] == 0).all() and (labels[icv] > 0).any()
+    assert (np.asarray(nb.load(isolated.conformed_entropy).dataobj)[~icv] == 0).all()
+
+
+def test_parcellation_mode_writes_only_the_fine_outputs(inputs, tmp_path, monkeypatch):
+    from nipype.interfaces.base import isdefined
+
+    ckpt = tiny_parcellation_checkpoint(tmp_path / "tiny-parc")
+    out = _run(dict(inputs, ckpt=ckpt), tmp_path / "node", monkeypatch, fine_only=True)
+    dkt = load_protocol("dkt-aseg")
+    assert out.fine_protocol == "dkt-aseg"
+    img = nb.load(out.fine_dseg)
+    assert img.shape == inputs["shape"] and np.allclose(img.affine, inputs["affine"])
+    assert set(np.unique(np.asarray(img.dataobj))) <= set(dkt.indices)
+    conformed = np.asarray(nb.load(out.conformed_fine_dseg).dataobj)
+    icv = np.asarray(nb.load(str(inputs["icv"])).dataobj) > 0
+    assert (conformed[~icv] == 0).all()
+    assert [r["index"] for r in read_morphometry_tsv(out.fine_morph)] == list(dkt.indices[1:])
+    with open(out.fine_dseg_tsv) as fh:
+        assert len(fh.read().splitlines()) == len(dkt) + 1
+    for field in ("aseg_dseg", "cerebrum7_dseg", "aseg_morph", "cerebrum7_morph", "aseg_dseg_tsv", "entropy",
+                  "probseg_cerebrum7", "conformed_aseg_dseg", "conformed_entropy"):
+        assert not isdefined(getattr(out, field)) or getattr(out, field) == [], field
+    written = sorted(p.name for p in (tmp_path / "node" / "segmentation").iterdir())
+    assert written == ["conformed_dkt-aseg_dseg.nii.gz", "dkt-aseg_dseg.nii.gz", "dkt-aseg_dseg.tsv",
+                       "dkt-aseg_morph.tsv", "qc.json"]
+    qc = json.loads(open(out.qc_json).read())
+    assert qc["Task"] == "parcellation" and qc["LabelProtocol"] == "dkt-aseg" and qc["MCSamples"] == 3
+    assert set(qc["Protocols"]) == {"dkt-aseg", "deep14"}
+    assert len(qc["Protocols"]["dkt-aseg"]["Structures"]) == 92 and qc["Models"][0]["Name"] == "tiny-parc"
+    assert qc["Models"][0]["Architecture"] == "cerebrum" and out.qc_flag == qc["QCFlag"]

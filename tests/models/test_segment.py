@@ -16,13 +16,15 @@ from bids_app.models.segment import (
     coarse_labels,
     coarse_probability,
     coarser,
+    default_parcellation_models,
     default_wholebrain_models,
     merge_index,
     segment_volume,
     upsample,
+    validate_parcellation_checkpoints,
     validate_wholebrain_checkpoints,
 )
-from tests.conftest import tiny_wholebrain_checkpoint
+from tests.conftest import tiny_parcellation_checkpoint, tiny_wholebrain_checkpoint
 
 
 def _image(shape=(21, 22, 19), seed=0):
@@ -212,3 +214,54 @@ def test_image_already_on_the_model_grid(checkpoint):
     assert res.probabilities.shape == (33, 11, 12, 9) and res.voxel_size_mm == (2.0, 2.0, 2.0)
     np.testing.assert_allclose(res.probabilities.sum(axis=0), 1.0, atol=1e-5)
     np.testing.assert_allclose(res.mc_volumes_mm3.sum(axis=1), 11 * 12 * 9 * 8.0)
+
+
+def test_mask_forces_background_outside_the_icv():
+    image = _image(shape=(21, 8, 7))
+    mask = np.zeros(image.shape, dtype=bool)
+    mask[:12] = True  # the ramp's class 1 wins on the upper half of x: outside the mask
+    kwargs = dict(manifests=[_toy_manifest(2.0)], mc_samples=2, device="cpu", num_threads=1)
+    plain = segment_volume(image, [FixedPattern()], **kwargs)
+    masked = segment_volume(image, [FixedPattern()], mask=mask, **kwargs)
+    outside = ~mask
+    assert (plain.labels[outside] == 1).any() and (plain.entropy[outside] > 0).all()  # it would leak
+    assert (masked.labels[outside] == 0).all()
+    np.testing.assert_array_equal(masked.probabilities[0][outside], 1.0)
+    np.testing.assert_array_equal(masked.probabilities[1][outside], 0.0)
+    np.testing.assert_array_equal(masked.entropy[outside], 0.0)
+    # inside the mask nothing changes
+    np.testing.assert_array_equal(masked.labels[mask], plain.labels[mask])
+    np.testing.assert_array_equal(masked.probabilities[:, mask], plain.probabilities[:, mask])
+    np.testing.assert_array_equal(masked.entropy[mask], plain.entropy[mask])
+    with pytest.raises(ValueError, match="mask's shape"):
+        segment_volume(image, [FixedPattern()], mask=mask[:-1], **kwargs)
+
+
+def test_mask_with_a_coarser_protocol(checkpoint):
+    image = _image()
+    mask = image > 0
+    mask[:, :, :9] = False
+    res = segment_volume(image, [checkpoint], mc_samples=2, device="cpu", num_threads=1, mask=mask)
+    assert (res.labels[~mask] == 0).all() and (coarse_labels(res, "cerebrum7")[~mask] == 0).all()
+    for position in range(1, 8):  # every CEREBRUM class: probability 0 outside
+        assert coarse_probability(res, "cerebrum7", position)[~mask].max() == 0.0
+
+
+def test_default_and_validate_parcellation_models(tmp_path, monkeypatch, checkpoint):
+    folder = tmp_path / "installed"
+    folder.mkdir()
+    parc = tiny_parcellation_checkpoint(folder / "parc")
+    wb = tiny_wholebrain_checkpoint(folder / "wb")
+    monkeypatch.setenv("ARBORSEG_MODELS_DIR", str(folder))
+    assert default_parcellation_models() == [str(parc)] and default_wholebrain_models() == [str(wb)]
+    assert json.loads(parc.read_text())["task"] == "parcellation"
+    paths, protocol = validate_parcellation_checkpoints([parc])
+    assert paths == [parc.resolve()] and protocol == "dkt-aseg"
+    with pytest.raises(ModelError, match="whole-brain protocol") as exc:
+        validate_parcellation_checkpoints([wb])
+    assert exc.value.exit_code == 4
+    with pytest.raises(ModelError, match="no such model checkpoint"):
+        validate_parcellation_checkpoints([tmp_path / "missing"])
+    deep = tiny_wholebrain_checkpoint(tmp_path / "deep", protocol="deep14")
+    with pytest.raises(ModelError, match="cannot be merged into 'aseg'"):
+        validate_parcellation_checkpoints([deep])

@@ -277,3 +277,28 @@ def test_segmentation_section_skipped_and_off(tmp_path):
     assert "No figures in this section" not in html
     assert segmentation_section(tmp_path, {"segmentation": {"status": "off", "reason": "--no-seg"}}) is None
     assert segmentation_section(tmp_path, {}) is None
+
+
+def test_parcellation_section(tmp_path):
+    from bids_app.reports.build import parcellation_section
+
+    rows = [{"index": 1002, "name": "ctx-lh-caudalanteriorcingulate", "qc_flag": "pass"},
+            {"index": 2002, "name": "ctx-rh-caudalanteriorcingulate", "qc_flag": "warn"}]
+    parc = {"status": "done", "segmentation": "dkt", "models": ["cerebrum-a"], "label_protocol": "dkt-aseg",
+            "mc_samples": 2, "seed": 42, "mean_cv_percent": 0.5, "qc_threshold_percent": 1.0, "qc_flag": "pass",
+            "volumes": {"dkt": rows}}
+    fig = tmp_path / "sub-01" / "figures" / "sub-01_seg-dkt_dseg.svg"
+    fig.parent.mkdir(parents=True)
+    fig.write_text("<svg/>")
+    record = {"label": "sub-01", "subject": "01", "status": "success", "parcellation": parc,
+              "source_file": "/data/sub-01/anat/sub-01_T1w.nii.gz"}
+    section = parcellation_section(tmp_path, record)
+    assert section["title"] == "Cortical parcellation" and "QC PASS" in section["description"]
+    assert "1 of 2 structures flagged" in section["description"] and "table" not in section
+    assert section["reportlets"][0]["path"] == "sub-01/figures/sub-01_seg-dkt_dseg.svg"
+    assert "dkt-aseg protocol" in section["reportlets"][0]["caption"]
+    skipped = parcellation_section(tmp_path, {"parcellation": {
+        "status": "skipped", "reason": "no cortical parcellation models are installed"}})
+    assert skipped["description"] == "Not run: no cortical parcellation models are installed."
+    assert parcellation_section(tmp_path, {"parcellation": {"status": "off", "reason": "--no-parc"}}) is None
+    assert parcellation_section(tmp_path, {}) is None

@@ -376,3 +376,68 @@ def test_wholebrain_threads_and_device_do_not_change_the_hash(env, tmp_path):
         node.config = deepcopy(nipype.config._sections)
         hashes.add(node._get_hashval()[1])
     assert len(hashes) == 1
+
+
+# --------------------------------------------------------------------------- cortical parcellation
+#: nodes of the parcellation branch per subject: segmentation 3, derivatives 6 (inputnode, dseg, tsv, morph,
+#: qc_sources, ds_qc), reportlet 3
+PARC_NODES = 12
+
+
+def _parc_config(tmp_path, **kwargs):
+    from bids_app.config import SegmentationConfig
+    from tests.conftest import tiny_parcellation_checkpoint
+
+    ckpt = tiny_parcellation_checkpoint(tmp_path / "models-parc" / "tiny-parc")
+    return SegmentationConfig(checkpoints=(ckpt,), protocol="dkt-aseg", mc_samples=4, task="parcellation", **kwargs)
+
+
+def test_parcellation_branch_beside_the_wholebrain_one(env, tmp_path):
+    seg, parc = _seg_config(tmp_path), _parc_config(tmp_path)
+    wf = _build(env, segmentation=seg, parcellation=parc, omp_nthreads=2, random_seed=7, device="cpu")
+    nodes = _flat_nodes(wf)
+    names = [n.fullname for n in nodes]
+    assert len(names) == len(set(names)) == 2 * (NODES_PER_SUBJECT + SEG_NODES + PARC_NODES)
+    segment = wf.get_node("sub_01_wf.parcellation_wf.segment")
+    assert segment.inputs.fine_only is True and segment.inputs.checkpoints == [str(parc.checkpoints[0])]
+    assert (segment.inputs.mc_samples, segment.inputs.seed, segment.inputs.num_threads) == (4, 7, 2)
+    assert wf.get_node("sub_01_wf.wholebrain_seg_wf.segment").inputs.fine_only is False
+    connected = _connected_inputs(wf)
+    for branch in ("wholebrain_seg_wf", "parcellation_wf"):  # the same inputs, from the same nodes
+        assert {"t1w_preproc", "icv_mask", "icv_ml", "source_file"} <= connected[
+            f"arborseg_wf.sub_01_wf.{branch}.segment"]
+    # only the fine (seg-dkt) derivatives: no wholebrain/cerebrum7/probseg/entropy duplicates
+    sinks = {n.fullname.rsplit(".", 1)[1]: n for n in nodes
+             if n.fullname.startswith("arborseg_wf.sub_01_wf.parcellation_derivatives_wf.ds_")}
+    assert set(sinks) == {"ds_fine_dseg", "ds_fine_dseg_tsv", "ds_fine_morph", "ds_qc"}
+    assert {s.inputs.entities["segmentation"] for s in sinks.values()} == {"dkt"}
+    assert sinks["ds_qc"].inputs.entities == {"segmentation": "dkt", "suffix": "qc", "extension": ".json"}
+    assert sinks["ds_fine_dseg"].inputs.meta_dict["Models"] == ["tiny-parc"]
+    rpt = wf.get_node("sub_01_wf.parcellation_reports_wf.parc_rpt")
+    assert rpt.inputs.protocol == "dkt-aseg" and len(rpt.inputs.include) == 62
+    assert all(v >= 1000 for v in rpt.inputs.include)
+    ds = wf.get_node("sub_01_wf.parcellation_reports_wf.ds_parc_rpt")
+    assert ds.inputs.entities == {"datatype": "figures", "extension": ".svg", "segmentation": "dkt", "suffix": "dseg"}
+    missing = [f"{node.fullname}.{field}" for node in nodes
+               for field in node.inputs.copyable_trait_names()
+               if node.inputs.trait(field).mandatory and not isdefined(getattr(node.inputs, field))
+               and field not in connected.get(node.fullname, set())]
+    assert missing == []
+
+
+def test_parcellation_alone_and_off(env, tmp_path):
+    from bids_app.config import SegmentationConfig
+
+    parc = _parc_config(tmp_path)
+    wf = _build(env, parcellation=parc)
+    assert len(_flat_nodes(wf)) == 2 * (NODES_PER_SUBJECT + PARC_NODES)
+    assert wf.get_node("sub_01_wf.wholebrain_seg_wf") is None
+    for off in (SegmentationConfig(task="parcellation"),
+                SegmentationConfig(enabled=False, checkpoints=parc.checkpoints, task="parcellation",
+                                   switched_off_by="--no-parc")):
+        assert not off.active
+        assert len(_flat_nodes(_build(env, segmentation=_seg_config(tmp_path), parcellation=off))) == \
+            2 * (NODES_PER_SUBJECT + SEG_NODES)
+    assert "--parc-models" in SegmentationConfig(task="parcellation").reason
+    assert SegmentationConfig(enabled=False, task="parcellation", switched_off_by="--no-parc").reason == \
+        "switched off with --no-parc"
