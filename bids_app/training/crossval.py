@@ -65,15 +65,22 @@ def degrade(image: np.ndarray, kind: str, seed: int = 0) -> np.ndarray:
     return normalise_intensity(x, mask)
 
 
-def score(pred_fine: np.ndarray, ref_fine: np.ndarray, subject: str, method: str, fine: str = "dkt-aseg") -> list[dict]:
-    """Metric rows of one prediction in every protocol of :data:`PROTOCOLS`."""
+def score(pred: np.ndarray, ref_fine: np.ndarray, subject: str, method: str, pred_protocol: str = "dkt-aseg",
+          ref_protocol: str = "dkt-aseg") -> list[dict]:
+    """Metric rows of one prediction in every protocol of :data:`PROTOCOLS` it can be merged into."""
+    from bids_app.core.labels import ProtocolError, merge_chain
+
     rows = []
-    fine_p = load_protocol(fine)
+    pred_p, ref_p = load_protocol(pred_protocol), load_protocol(ref_protocol)
     for name in PROTOCOLS:
+        try:
+            merge_chain(pred_protocol, name)
+        except ProtocolError:
+            continue  # a coarser prediction says nothing about a finer protocol
         proto = load_protocol(name)
-        pred = merge_labels(pred_fine, fine_p, proto) if name != fine else pred_fine
-        ref = merge_labels(ref_fine, fine_p, proto) if name != fine else ref_fine
-        for row in evaluate_arrays(pred, ref, proto, (1.0, 1.0, 1.0), subject):
+        p = pred if name == pred_protocol else merge_labels(pred, pred_p, proto)
+        r = ref_fine if name == ref_protocol else merge_labels(ref_fine, ref_p, proto)
+        for row in evaluate_arrays(p, r, proto, (1.0, 1.0, 1.0), subject):
             row.update(method=method, protocol=name)
             rows.append(row)
     return rows
@@ -139,7 +146,7 @@ def run_cv(data: Path, runs: Path, out: Path, *, archs: list[str], folds: list[i
             t0 = time.time()
             result = segment_volume(image, members, mc_samples=mc_samples, num_threads=threads, device="cpu")
             timing.setdefault("ensemble", []).append(time.time() - t0)
-            ens_rows = score(result.labels, ref, subject, "ensemble")
+            ens_rows = score(result.labels, ref, subject, "ensemble", result.protocol.name)
             rows += ens_rows
             aseg_dice = float(np.nanmean([r["dice"] for r in ens_rows if r["protocol"] == "aseg"]))
             qc.append({"subject": subject, "fold": fold, "condition": "clean", "mean_cv_percent": result.mean_cv_percent,
@@ -149,7 +156,7 @@ def run_cv(data: Path, runs: Path, out: Path, *, archs: list[str], folds: list[i
                     t0 = time.time()
                     single = segment_volume(image, [member], mc_samples=single_mc, num_threads=threads, device="cpu")
                     timing.setdefault(arch, []).append(time.time() - t0)
-                    rows += score(single.labels, ref, subject, arch)
+                    rows += score(single.labels, ref, subject, arch, single.protocol.name)
             if fold in jlf_folds and i < jlf_subjects:
                 atlases = [_load_case(data, by_subject[s]) for s in train_subjects]
                 t0 = time.time()
@@ -161,7 +168,7 @@ def run_cv(data: Path, runs: Path, out: Path, *, archs: list[str], folds: list[i
                 for kind in DEGRADATIONS:
                     bad = degrade(image, kind, seed=i)
                     res = segment_volume(bad, members, mc_samples=mc_samples, num_threads=threads, device="cpu")
-                    d_rows = score(res.labels, ref, subject, f"ensemble-{kind}")
+                    d_rows = score(res.labels, ref, subject, f"ensemble-{kind}", res.protocol.name)
                     rows += d_rows
                     qc.append({"subject": subject, "fold": fold, "condition": kind,
                                "mean_cv_percent": res.mean_cv_percent, "qc_flag": res.qc_flag,
