@@ -214,3 +214,52 @@ def test_protocol_of_training_configs_matches_models():
     for path in sorted(root.glob("*.toml")):
         cfg = TrainConfig.from_toml(path)
         assert cfg.model["n_classes"] == len(load_protocol(cfg.protocol)), path
+
+
+def test_fit_segnet_tiny(tmp_path):
+    from bids_app.training.trainer import fit_segnet
+
+    _pack(tmp_path / "data" / "packed")
+    text = _config(tmp_path, iterations=3).read_text()
+    text = text.replace('architecture = "unet"', 'architecture = "segnet"').replace(
+        "base_filters = 2\ndepth = 1\n",
+        "patch_3d = 3\npatch_2d = 13\ncompressed_size = 13\ncompressed_scale = 1\nconv_channels = [2, 3]\n"
+        "conv_kernel = 3\nfc_3d = [8]\nfc_hidden = [8]\n")
+    text = text.replace("[optim]\n", "[optim]\nbatch_size = 16\n")
+    path = tmp_path / "segnet.toml"
+    path.write_text(text)
+    cfg = TrainConfig.from_toml(path)
+    out = fit_segnet(cfg, tmp_path / "data", tmp_path / "run", fold=1, num_threads=1)
+    model, manifest = load_checkpoint(out)
+    assert manifest["architecture"] == "segnet" and manifest["training"]["iterations"] == 3
+    assert manifest["training"]["test_subjects"]
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert state["history"][-1]["iteration"] == 3
+
+
+def test_initialise_from_coarser_protocol(tmp_path):
+    from bids_app.models.checkpoint import save_checkpoint
+    from bids_app.models.unet import UNet3D
+    from bids_app.training.trainer import initialise_from
+
+    aseg = load_protocol("aseg")
+    dkt = load_protocol("dkt-aseg")
+    torch.manual_seed(0)
+    coarse = UNet3D(in_channels=1, n_classes=len(aseg), base_filters=2, depth=1)
+    save_checkpoint(coarse, tmp_path / "coarse", {
+        "version": "1", "label_protocol": aseg.as_manifest(),
+        "input_channels": [{"name": "T1w", "normalisation": "percentile99"}], "voxel_size_mm": 2.0,
+        "training": {"data": "x", "licence": "x", "seed": 0}, "metrics": {}})
+    fine = UNet3D(in_channels=1, n_classes=len(dkt), base_filters=2, depth=1)
+    initialise_from(fine, tmp_path / "coarse", dkt)
+    coarse.eval()
+    fine.eval()
+    x = torch.rand(1, 1, 8, 8, 8)
+    with torch.no_grad():
+        p_coarse = torch.softmax(coarse(x), 1)
+        p_fine = torch.softmax(fine(x), 1)
+    # the fine classes of each coarse class share exactly its probability at the start
+    from bids_app.core.labels import merged_probabilities
+
+    merged = merged_probabilities(p_fine[0].numpy(), dkt, aseg)
+    assert np.allclose(merged, p_coarse[0].numpy(), atol=1e-5)
