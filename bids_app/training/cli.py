@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--jlf-subjects", type=int, default=5)
     c.add_argument("--degrade-subjects", type=int, default=0, help="test subjects per fold also run degraded")
 
+    m = sub.add_parser("cv-merge", help="combine partial cross-validation runs into one summary")
+    m.add_argument("parts", type=Path, nargs="+")
+    m.add_argument("--out", type=Path, required=True)
+
     e = sub.add_parser("export", help="write a run's final model as an installable checkpoint")
     e.add_argument("final", type=Path)
     e.add_argument("stem", type=Path)
@@ -103,6 +107,12 @@ def main(argv: list[str] | None = None) -> int:
                              mc_samples=args.mc_samples, threads=args.threads, jlf_folds=args.jlf_folds,
                              jlf_subjects=args.jlf_subjects, degrade_subjects=args.degrade_subjects,
                              single_mc=args.single_mc)
+            for method, protocols in summary["methods"].items():
+                print(method, " ".join(f"{p}={v['overall'].get('dice_mean')}" for p, v in protocols.items()))
+        elif args.command == "cv-merge":
+            from .crossval import merge_cv
+
+            summary = merge_cv(args.parts, args.out)
             for method, protocols in summary["methods"].items():
                 print(method, " ".join(f"{p}={v['overall'].get('dice_mean')}" for p, v in protocols.items()))
         elif args.command == "export":

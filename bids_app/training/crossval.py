@@ -28,7 +28,7 @@ from bids_app.atomic import atomic_output
 from bids_app.core.intensity import normalise_intensity
 from bids_app.core.labels import load_protocol, merge_labels
 from bids_app.core.metrics import pearson
-from bids_app.evaluate import evaluate_arrays, summarise_rows, write_tsv
+from bids_app.evaluate import evaluate_arrays, summarise_rows
 
 from .prepare import block_mean, block_mode
 from .trainer import fold_split, load_cases
@@ -93,7 +93,10 @@ def _load_case(data: Path, case: str) -> tuple[np.ndarray, np.ndarray]:
 
 def jlf_segment(target: np.ndarray, atlases: list[tuple[np.ndarray, np.ndarray]], factor: int = 2,
                 threads: int = 1) -> np.ndarray:
-    """ANTs joint label fusion of ``atlases`` (1 mm image, label values) onto ``target``, at the model grid."""
+    """ANTs joint label fusion of ``atlases`` (1 mm image, label values) onto ``target``, at the model grid.
+
+    Returns label values on the 1 mm grid (each model-grid voxel repeated ``factor`` times per axis).
+    """
     import ants
     from ants import config as ants_config
 
@@ -113,7 +116,8 @@ def jlf_segment(target: np.ndarray, atlases: list[tuple[np.ndarray, np.ndarray]]
         warped_images.append(reg["warpedmovout"])
         warped_labels.append(ants.apply_transforms(fixed, ants.from_numpy(classes, spacing=(float(factor),) * 3),
                                                    reg["fwdtransforms"], interpolator="genericLabel"))
-    fused = ants.joint_label_fusion(fixed, mask, warped_images, warped_labels, beta=2, rad=2, verbose=False)
+    fused = ants.joint_label_fusion(fixed, mask, atlas_list=warped_images, label_list=warped_labels, beta=2, rad=2,
+                                   verbose=False)
     labels2 = fused["segmentation"].numpy().astype(np.int32)
     up = np.repeat(np.repeat(np.repeat(labels2, factor, 0), factor, 1), factor, 2)
     return up[: target.shape[0], : target.shape[1], : target.shape[2]]
@@ -162,8 +166,7 @@ def run_cv(data: Path, runs: Path, out: Path, *, archs: list[str], folds: list[i
                 t0 = time.time()
                 fused = jlf_segment(image, atlases)
                 timing.setdefault("jlf", []).append(time.time() - t0)
-                protocol = load_protocol("dkt-aseg")
-                rows += score(protocol.to_labels(fused), ref, subject, "jlf")
+                rows += score(fused, ref, subject, "jlf")
             if i < degrade_subjects:
                 for kind in DEGRADATIONS:
                     bad = degrade(image, kind, seed=i)
@@ -176,6 +179,22 @@ def run_cv(data: Path, runs: Path, out: Path, *, archs: list[str], folds: list[i
                                                                     if r["protocol"] == "aseg"]))})
             _write(out, rows, qc, timing, archs, mc_samples, split, folds)
     return _write(out, rows, qc, timing, archs, mc_samples, split, folds)
+
+
+def _write_table(rows: list[dict], path: Path) -> None:
+    """Rows with any keys -> TSV (columns in first-seen order, ``n/a`` for NaN/None)."""
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+
+    def fmt(v):
+        if v is None or (isinstance(v, float) and not np.isfinite(v)):
+            return "n/a"
+        return format(v, ".6g") if isinstance(v, float) else str(v)
+
+    lines = ["\t".join(columns)] + ["\t".join(fmt(r.get(c)) for c in columns) for r in rows]
+    with atomic_output(path) as tmp:
+        Path(tmp).write_text("\n".join(lines) + "\n")
 
 
 def _write(out: Path, rows, qc, timing, archs, mc_samples, split, folds) -> dict:
@@ -195,8 +214,29 @@ def _write(out: Path, rows, qc, timing, archs, mc_samples, split, folds) -> dict
         dice = np.array([q["aseg_mean_dice"] for q in qc], dtype=float)
         summary["qc_study"] = {"pearson_r_cv_vs_dice": pearson(cv, dice), "n": len(qc),
                                "conditions": sorted({q["condition"] for q in qc})}
-    write_tsv(rows, out / "cv_rows.tsv")
-    write_tsv(qc, out / "qc_study.tsv")
+    with atomic_output(out / "cv_raw.json") as tmp:
+        Path(tmp).write_text(json.dumps({"rows": rows, "qc": qc, "timing": timing, "archs": archs,
+                                         "mc_samples": mc_samples, "split": split, "folds": list(folds)},
+                                        default=float) + "\n")
+    _write_table(rows, out / "cv_rows.tsv")
+    _write_table(qc, out / "qc_study.tsv")
     with atomic_output(out / "cv_summary.json") as tmp:
         Path(tmp).write_text(json.dumps(summary, indent=1, default=float) + "\n")
     return summary
+
+
+def merge_cv(parts: list[Path], out: Path) -> dict:
+    """Combine the ``cv_raw.json`` of several partial runs (e.g. folds run in parallel) into one summary."""
+    rows, qc, timing, folds = [], [], {}, []
+    raw = None
+    for part in parts:
+        raw = json.loads((Path(part) / "cv_raw.json").read_text())
+        rows += raw["rows"]
+        qc += raw["qc"]
+        folds += raw["folds"]
+        for key, values in raw["timing"].items():
+            timing.setdefault(key, []).extend(values)
+    if raw is None:
+        raise ValueError("nothing to merge")
+    Path(out).mkdir(parents=True, exist_ok=True)
+    return _write(Path(out), rows, qc, timing, raw["archs"], raw["mc_samples"], raw["split"], sorted(folds))
