@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--threads", type=int, default=2)
     c.add_argument("--jlf-folds", type=int, nargs="*", default=[])
     c.add_argument("--jlf-subjects", type=int, default=5)
+    c.add_argument("--max-subjects", type=int, help="test subjects per fold (default: all)")
     c.add_argument("--degrade-subjects", type=int, default=0, help="test subjects per fold also run degraded")
 
     m = sub.add_parser("cv-merge", help="combine partial cross-validation runs into one summary")
@@ -73,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--metrics", type=Path, help="JSON object merged into the manifest's metrics")
     e.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     e.add_argument("--name")
+    e.add_argument("--task", choices=["wholebrain", "parcellation"], help="manifest task (which pipeline branch uses it)")
     return parser
 
 
@@ -106,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             summary = run_cv(args.data, args.runs, args.out, archs=args.archs, folds=args.folds, k=args.k,
                              mc_samples=args.mc_samples, threads=args.threads, jlf_folds=args.jlf_folds,
                              jlf_subjects=args.jlf_subjects, degrade_subjects=args.degrade_subjects,
-                             single_mc=args.single_mc)
+                             single_mc=args.single_mc, max_subjects=args.max_subjects)
             for method, protocols in summary["methods"].items():
                 print(method, " ".join(f"{p}={v['overall'].get('dice_mean')}" for p, v in protocols.items()))
         elif args.command == "cv-merge":
@@ -124,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.metrics:
                 fields["metrics"] = {**fields.get("metrics", {}), **json.loads(args.metrics.read_text())}
             fields["name"] = args.name or args.stem.name
+            if args.task:
+                fields["task"] = args.task
             save_checkpoint(model, args.stem, fields, dtype=args.dtype)
             print(f"{args.stem}.safetensors")
     except (ArborSegError, FileNotFoundError, ValueError) as exc:

@@ -125,7 +125,8 @@ def jlf_segment(target: np.ndarray, atlases: list[tuple[np.ndarray, np.ndarray]]
 
 def run_cv(data: Path, runs: Path, out: Path, *, archs: list[str], folds: list[int] | None = None,
            k: int = 3, cv_seed: int = 0, mc_samples: int = 15, threads: int = 2, jlf_folds: list[int] = (),
-           jlf_subjects: int = 5, degrade_subjects: int = 0, single_mc: int = 5) -> dict:
+           jlf_subjects: int = 5, degrade_subjects: int = 0, single_mc: int = 5,
+           max_subjects: int | None = None) -> dict:
     """Cross-validate; writes ``<out>/cv_rows.tsv``, ``cv_summary.json`` and ``qc_study.tsv``."""
     from bids_app.models.segment import segment_volume
 
@@ -144,7 +145,7 @@ def run_cv(data: Path, runs: Path, out: Path, *, archs: list[str], folds: list[i
         if missing:
             raise FileNotFoundError(f"fold {fold}: no trained model {', '.join(missing)}")
         train_subjects = [s for s in sorted(by_subject) if s not in split[fold]]
-        for i, subject in enumerate(split[fold]):
+        for i, subject in enumerate(split[fold][:max_subjects]):
             image, ref = _load_case(data, by_subject[subject])
             log.info("fold %d subject %s (%d/%d)", fold, subject, i + 1, len(split[fold]))
             t0 = time.time()

@@ -61,12 +61,40 @@ def test_outputs_and_report(realworld, sub):
     assert np.allclose(nb.affines.voxel_sizes(t1.affine), 1.0) and nb.aff2axcodes(t1.affine) == ("R", "A", "S")
     crop = nb.load(str(anat / f"sub-{sub}_space-MNI152NLin6Asym_desc-cerebellum_T1w.nii.gz"))
     assert crop.shape == (128, 88, 88)
-    assert len(list((out / f"sub-{sub}" / "figures").glob("*.svg"))) == 5
+    assert len(list((out / f"sub-{sub}" / "figures").glob("*.svg"))) >= 5
     html = (out / f"sub-{sub}.html").read_text()
     assert "figures/" in html and f"sub-{sub}" in html
     record = json.loads((out / "logs" / f"sub-{sub}_record.json").read_text())
     assert record["status"] == "success"
     assert sum(r["seconds"] for r in record["runtimes"]) > 0
+
+
+@pytest.mark.parametrize("sub", SUBJECTS)
+def test_wholebrain_segmentation_is_sensible(realworld, sub):
+    """The shipped models on real whole-head scans: native-grid labels, plausible volumes and symmetry."""
+    import nibabel as nb
+
+    from bids_app.core.morphometry import read_morphometry_tsv
+
+    anat = realworld["out"] / f"sub-{sub}" / "anat"
+    raw = nb.load(str(next((realworld["bids"] / f"sub-{sub}" / "anat").glob("*_T1w.nii*"))))
+    dseg = nb.load(str(anat / f"sub-{sub}_seg-wholebrain_dseg.nii.gz"))
+    assert dseg.shape == raw.shape[:3] and np.allclose(dseg.affine, raw.affine, atol=1e-3)
+    rows = {r["name"]: r for r in read_morphometry_tsv(anat / f"sub-{sub}_seg-wholebrain_morph.tsv")}
+    icv = json.loads((anat / f"sub-{sub}_label-ICV_mask.json").read_text())["VolumeML"] * 1000
+    tissue = sum(float(r["volume_mm3"]) for name, r in rows.items()
+                 if not any(k in name for k in ("Vent", "CSF", "vent")))
+    assert 0.5 < tissue / icv < 1.0, tissue / icv
+    wm = [float(rows[f"{side}-Cerebral-White-Matter"]["volume_mm3"]) for side in ("Left", "Right")]
+    ctx = [float(rows[f"{side}-Cerebral-Cortex"]["volume_mm3"]) for side in ("Left", "Right")]
+    assert all(v > 1.0e5 for v in wm + ctx), (wm, ctx)
+    if sub == "chris":  # a healthy 0.88 mm head: hemispheres within 15 %, deep structures found
+        assert abs(wm[0] - wm[1]) / np.mean(wm) < 0.15 and abs(ctx[0] - ctx[1]) / np.mean(ctx) < 0.15
+        for name in ("Left-Thalamus", "Right-Thalamus", "Left-Putamen", "Right-Putamen", "Brain-Stem"):
+            assert float(rows[name]["volume_mm3"]) > 2000, name
+    qc = json.loads((anat / f"sub-{sub}_seg-wholebrain_qc.json").read_text())
+    assert qc["Sources"]
+    assert (anat / f"sub-{sub}_seg-dkt_dseg.nii.gz").is_file()
 
 
 def test_group_outputs(realworld):
