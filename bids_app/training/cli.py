@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--metrics", type=Path, help="JSON object merged into the manifest's metrics")
     e.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     e.add_argument("--name")
-    e.add_argument("--task", choices=["wholebrain", "parcellation"], help="manifest task (which pipeline branch uses it)")
+    e.add_argument("--task", help="manifest task: wholebrain, parcellation (the default ensembles) or another name (opt-in)")
     return parser
 
 
