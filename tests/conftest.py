@@ -109,3 +109,11 @@ def tiny_parcellation_checkpoint(path_stem, *, voxel_size_mm=2.0, seed=0, name=N
         "training": {"data": "random weights (tests)", "licence": "CC0-1.0", "seed": seed}, "metrics": {},
     })
     return path_stem.with_name(path_stem.name + ".json")
+
+
+@pytest.fixture
+def no_package_models(tmp_path_factory, monkeypatch):
+    """Hide the models shipped in ``bids_app/data/models`` (tests of the empty / env-folder cases)."""
+    from bids_app.models import checkpoint
+
+    monkeypatch.setattr(checkpoint, "PACKAGE_MODELS_DIR", tmp_path_factory.mktemp("no-package-models"))

@@ -29,7 +29,7 @@ def test_list_models_shows_saved_checkpoint(tmp_path, monkeypatch, capsys):
     assert any(r.split()[:4] == ["dpn-toy", "dpn", "toy3", "T1w"] for r in rows), out
 
 
-def test_list_models_empty(tmp_path, monkeypatch, capsys):
+def test_list_models_empty(tmp_path, monkeypatch, capsys, no_package_models):
     monkeypatch.setenv("ARBORSEG_MODELS_DIR", str(tmp_path))
     with pytest.raises(SystemExit) as exc:
         main(["--list-models"])

@@ -40,7 +40,7 @@ def test_parc_option_conflicts_are_usage_errors(extra, capsys):
     assert "not allowed with argument" in capsys.readouterr().err
 
 
-def test_switches_reach_the_run_config(tmp_path, monkeypatch):
+def test_switches_reach_the_run_config(tmp_path, monkeypatch, no_package_models):
     from tests.conftest import tiny_parcellation_checkpoint, tiny_wholebrain_checkpoint
 
     monkeypatch.setenv("ARBORSEG_MODELS_DIR", str(tmp_path / "none"))

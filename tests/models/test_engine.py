@@ -330,7 +330,7 @@ def test_pickle_checkpoints_refused_without_loading(tmp_path, tiny_registered, m
     assert not marker.exists()
 
 
-def test_list_models_from_env_folder(tmp_path, tiny_registered, monkeypatch):
+def test_list_models_from_env_folder(tmp_path, tiny_registered, monkeypatch, no_package_models):
     folder = tmp_path / "models"
     net = _tiny(width=3)
     save_checkpoint(net, folder / "toy-lobules", dict(MANIFEST, name="toy-lobules"))

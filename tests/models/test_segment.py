@@ -176,7 +176,7 @@ def test_coarser_protocols(result):
     assert deep_cv.shape == (15,)
 
 
-def test_default_wholebrain_models(tmp_path, monkeypatch):
+def test_default_wholebrain_models(tmp_path, monkeypatch, no_package_models):
     folder = tmp_path / "installed"
     folder.mkdir()
     wb = tiny_wholebrain_checkpoint(folder / "wb")
@@ -247,7 +247,7 @@ def test_mask_with_a_coarser_protocol(checkpoint):
         assert coarse_probability(res, "cerebrum7", position)[~mask].max() == 0.0
 
 
-def test_default_and_validate_parcellation_models(tmp_path, monkeypatch, checkpoint):
+def test_default_and_validate_parcellation_models(tmp_path, monkeypatch, checkpoint, no_package_models):
     folder = tmp_path / "installed"
     folder.mkdir()
     parc = tiny_parcellation_checkpoint(folder / "parc")
