@@ -255,6 +255,31 @@ def _format_eta(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def _save_final(model, run_dir: Path, cfg: TrainConfig, protocol, fold, it: int, test_subjects: list,
+                cases: list, history: list, *, n_real: int, n_labelmap: int) -> Path:
+    """The finished network as an ArborSeg checkpoint ``run_dir/final`` with a full manifest."""
+    model.eval()
+    last = history[-1] if history else {}
+    fields = {
+        "name": cfg.name if fold is None else f"{cfg.name}-fold{fold}",
+        "version": cfg.version,
+        "task": "wholebrain",
+        "label_protocol": protocol.as_manifest(),
+        "input_channels": [{"name": "T1w", "normalisation": "percentile99"}],
+        "voxel_size_mm": cases[0]["voxel_size_mm"],
+        "training": {
+            "data": ", ".join(sorted({c["source"] for c in cases})),
+            "licence": "CC BY-NC-SA 3.0 (trained on Mindboggle-101 / OASIS-TRT-20 labels)",
+            "seed": cfg.seed, "iterations": it, "fold": fold, "cv_folds": cfg.cv_folds,
+            "test_subjects": test_subjects, "n_real_cases": n_real, "n_labelmap_cases": n_labelmap,
+            "config": cfg.to_dict(),
+        },
+        "metrics": {f"final_{k}": v for k, v in last.items() if k not in ("iteration", "lr", "s_per_it")},
+    }
+    save_checkpoint(model, run_dir / "final", fields)
+    return run_dir / "final"
+
+
 def fit(cfg: TrainConfig, data_root: Path, run_dir: Path, *, fold: int | None = None, device: str = "cpu",
         num_threads: int | None = None, resume: bool = True, stop_after: int | None = None) -> Path:
     """Train one network; returns the path stem of the final checkpoint (``run_dir/final``).
@@ -353,26 +378,8 @@ def fit(cfg: TrainConfig, data_root: Path, run_dir: Path, *, fold: int | None = 
         log.info("%s stopped at iteration %d of %d (resumable)", cfg.name, it, cfg.iterations)
         return run_dir / "state"
 
-    model.eval()
-    fields = {
-        "name": cfg.name if fold is None else f"{cfg.name}-fold{fold}",
-        "version": cfg.version,
-        "task": "wholebrain",
-        "label_protocol": protocol.as_manifest(),
-        "input_channels": [{"name": "T1w", "normalisation": "percentile99"}],
-        "voxel_size_mm": cases[0]["voxel_size_mm"],
-        "training": {
-            "data": ", ".join(sorted({c["source"] for c in cases})),
-            "licence": "CC BY-NC-SA 3.0 (trained on Mindboggle-101 / OASIS-TRT-20 labels)",
-            "seed": cfg.seed, "iterations": it, "fold": fold, "cv_folds": cfg.cv_folds,
-            "test_subjects": test_subjects, "n_real_cases": len(real), "n_labelmap_cases": len(synth),
-            "config": cfg.to_dict(),
-        },
-        "metrics": {"final_train_loss": history[-1]["loss"] if history else None,
-                    "final_train_dice": history[-1]["train_dice"] if history else None},
-    }
-    save_checkpoint(model, run_dir / "final", fields)
-    return run_dir / "final"
+    return _save_final(model, run_dir, cfg, protocol, fold, it, test_subjects, cases, history,
+                       n_real=len(real), n_labelmap=len(synth))
 
 
 def fit_segnet(cfg: TrainConfig, data_root: Path, run_dir: Path, *, fold: int | None = None, device: str = "cpu",
@@ -451,22 +458,5 @@ def fit_segnet(cfg: TrainConfig, data_root: Path, run_dir: Path, *, fold: int | 
     if it < cfg.iterations:
         save_state(run_dir, model, opt, gen, it, history, cfg)
         return run_dir / "state"
-    model.eval()
-    fields = {
-        "name": cfg.name if fold is None else f"{cfg.name}-fold{fold}",
-        "version": cfg.version,
-        "task": "wholebrain",
-        "label_protocol": protocol.as_manifest(),
-        "input_channels": [{"name": "T1w", "normalisation": "percentile99"}],
-        "voxel_size_mm": cases[0]["voxel_size_mm"],
-        "training": {
-            "data": "OASIS-TRT-20 (Mindboggle-101 labels)",
-            "licence": "CC BY-NC-SA 3.0 (trained on Mindboggle-101 / OASIS-TRT-20 labels)",
-            "seed": cfg.seed, "iterations": it, "fold": fold, "cv_folds": cfg.cv_folds,
-            "test_subjects": test_subjects, "n_real_cases": len(cases), "n_labelmap_cases": 0,
-            "config": cfg.to_dict(),
-        },
-        "metrics": {"final_train_loss": history[-1]["loss"] if history else None},
-    }
-    save_checkpoint(model, run_dir / "final", fields)
-    return run_dir / "final"
+    return _save_final(model, run_dir, cfg, protocol, fold, it, test_subjects, cases, history,
+                       n_real=len(cases), n_labelmap=0)
