@@ -47,13 +47,7 @@ def group_rows(records: list[dict]) -> list[dict]:
 
 
 def rows_to_tsv(rows: list[dict]) -> str:
-    columns = ["label", "subject", "session", "status", *METRICS, "error"]
-    buf = io.StringIO()
-    writer = csv.writer(buf, delimiter="\t", lineterminator="\n")
-    writer.writerow(columns)
-    for row in rows:
-        writer.writerow(["n/a" if row.get(c) in (None, "") else row.get(c) for c in columns])
-    return buf.getvalue()
+    return _tsv(["label", "subject", "session", "status", *METRICS, "error"], rows)
 
 
 SEG_QC_COLUMNS = ("label", "subject", "session", "qc_flag", "mean_cv_percent", "qc_threshold_percent",

@@ -28,15 +28,15 @@ from scipy import ndimage
 from bids_app.atomic import atomic_output
 from bids_app.core.intensity import normalise_intensity
 from bids_app.core.labels import Protocol, load_mapping, load_protocol, map_labels
+from bids_app.models.segment import block_mean as model_grid_mean
 
 log = logging.getLogger(__name__)
 
 
 def block_mean(data: np.ndarray, factor: int) -> np.ndarray:
-    """Mean over ``factor``-cubed blocks (the array is zero-padded to a multiple of ``factor``)."""
-    data = pad_to_multiple(np.asarray(data, dtype=np.float32), factor)
-    x, y, z = (s // factor for s in data.shape)
-    return data.reshape(x, factor, y, factor, z, factor).mean(axis=(1, 3, 5))
+    """Mean over ``factor``-cubed blocks: the same resampling the pipeline applies before a model
+    (:func:`bids_app.models.segment.block_mean`), so training and inference grids agree."""
+    return model_grid_mean(data, (factor,) * 3)
 
 
 def block_mode(classes: np.ndarray, factor: int) -> np.ndarray:

@@ -255,6 +255,28 @@ def _format_eta(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+class _Progress:
+    """Loss and one training metric averaged over ``log_every`` iterations: history, log line with ETA."""
+
+    def __init__(self, cfg: TrainConfig, metric: str, history: list):
+        self.cfg, self.metric, self.history = cfg, metric, history
+        self.t0, self.done, self.window = time.time(), 0, []
+
+    def step(self, it: int, loss: float, value: float, lr: float) -> None:
+        self.done += 1
+        self.window.append((loss, value))
+        if it % self.cfg.log_every and it != self.cfg.iterations:
+            return
+        rate = (time.time() - self.t0) / self.done
+        mean_loss = float(np.mean([w[0] for w in self.window]))
+        mean_value = float(np.nanmean([w[1] for w in self.window]))
+        self.history.append({"iteration": it, "loss": round(mean_loss, 5), self.metric: round(mean_value, 4),
+                             "lr": lr, "s_per_it": round(rate, 3)})
+        self.window = []
+        log.info("%s it %d/%d loss %.4f %s %.3f lr %.2e %.2f s/it ETA %s", self.cfg.name, it, self.cfg.iterations,
+                 mean_loss, self.metric, mean_value, lr, rate, _format_eta(rate * (self.cfg.iterations - it)))
+
+
 def _save_final(model, run_dir: Path, cfg: TrainConfig, protocol, fold, it: int, test_subjects: list,
                 cases: list, history: list, *, n_real: int, n_labelmap: int) -> Path:
     """The finished network as an ArborSeg checkpoint ``run_dir/final`` with a full manifest."""
@@ -335,10 +357,10 @@ def fit(cfg: TrainConfig, data_root: Path, run_dir: Path, *, fold: int | None = 
             Path(tmp).write_text(tomli_w.dumps({**cfg.to_dict(), "fold": -1 if fold is None else fold}))
 
     model.train()
-    t0, done_here, window = time.time(), 0, []
+    progress = _Progress(cfg, "train_dice", history)
     it = start
     while it < cfg.iterations:
-        if stop_after is not None and done_here >= stop_after:
+        if stop_after is not None and progress.done >= stop_after:
             break
         for group in opt.param_groups:
             group["lr"] = learning_rate(cfg, it)
@@ -358,19 +380,9 @@ def fit(cfg: TrainConfig, data_root: Path, run_dir: Path, *, fold: int | None = 
         loss.backward()
         opt.step()
         it += 1
-        done_here += 1
         with torch.no_grad():
             dice = hard_dice(logits.argmax(1), y, len(protocol))[1:]
-            window.append((float(loss), float(torch.nanmean(dice))))
-        if it % cfg.log_every == 0 or it == cfg.iterations:
-            rate = (time.time() - t0) / done_here
-            mean_loss = float(np.mean([w[0] for w in window]))
-            mean_dice = float(np.nanmean([w[1] for w in window]))
-            history.append({"iteration": it, "loss": round(mean_loss, 5), "train_dice": round(mean_dice, 4),
-                            "lr": opt.param_groups[0]["lr"], "s_per_it": round(rate, 3)})
-            window = []
-            log.info("%s it %d/%d loss %.4f train Dice %.3f lr %.2e %.2f s/it ETA %s", cfg.name, it, cfg.iterations,
-                     mean_loss, mean_dice, opt.param_groups[0]["lr"], rate, _format_eta(rate * (cfg.iterations - it)))
+        progress.step(it, float(loss), float(torch.nanmean(dice)), opt.param_groups[0]["lr"])
         if it % cfg.checkpoint_every == 0 or it == cfg.iterations:
             save_state(run_dir, model, opt, gen, it, history, cfg)
     if it < cfg.iterations:
@@ -418,11 +430,12 @@ def fit_segnet(cfg: TrainConfig, data_root: Path, run_dir: Path, *, fold: int | 
         by_class = [torch.nonzero(labels == k) for k in range(len(protocol))]
         prepared.append((case, centroids, present, [v for v in by_class[1:] if len(v)] + [by_class[0][::50]]))
     model.train()
-    t0, done_here, window, it = time.time(), 0, [], start
+    progress = _Progress(cfg, "train_accuracy", history)
+    it = start
     from bids_app.models.segnet import centroid_distances
 
     while it < cfg.iterations:
-        if stop_after is not None and done_here >= stop_after:
+        if stop_after is not None and progress.done >= stop_after:
             break
         for group in opt.param_groups:
             group["lr"] = learning_rate(cfg, it)
@@ -442,17 +455,8 @@ def fit_segnet(cfg: TrainConfig, data_root: Path, run_dir: Path, *, fold: int | 
         loss.backward()
         opt.step()
         it += 1
-        done_here += 1
-        window.append((float(loss), float((logits.argmax(1) == target).float().mean())))
-        if it % cfg.log_every == 0 or it == cfg.iterations:
-            rate = (time.time() - t0) / done_here
-            mean_loss = float(np.mean([w[0] for w in window]))
-            acc = float(np.mean([w[1] for w in window]))
-            history.append({"iteration": it, "loss": round(mean_loss, 5), "train_accuracy": round(acc, 4),
-                            "lr": opt.param_groups[0]["lr"], "s_per_it": round(rate, 3)})
-            window = []
-            log.info("%s it %d/%d loss %.4f voxel accuracy %.3f %.2f s/it ETA %s", cfg.name, it, cfg.iterations,
-                     mean_loss, acc, rate, _format_eta(rate * (cfg.iterations - it)))
+        progress.step(it, float(loss), float((logits.argmax(1) == target).float().mean()),
+                      opt.param_groups[0]["lr"])
         if it % cfg.checkpoint_every == 0 or it == cfg.iterations:
             save_state(run_dir, model, opt, gen, it, history, cfg)
     if it < cfg.iterations:
