@@ -100,6 +100,16 @@ class RunConfig:
     reports_only: bool = False
     template: str = "MNI152NLin6Asym"
     templateflow_home: Path | None = None
+    #: folder of the cerebellar atlases (``--atlas-dir`` / ``$ARBORSEG_ATLAS_DIR``)
+    atlas_dir: Path | None = None
+    #: resource cache (``--cache-dir`` / ``$ARBORSEG_CACHE_DIR``, else ``<work_dir>/cache``)
+    cache_dir: Path | None = None
+    offline: bool = False
+    #: Nipype execution plugin and its arguments (``None``: MultiProc or Linear from ``nprocs``)
+    plugin: str | None = None
+    plugin_args: dict[str, Any] = field(default_factory=dict)
+    #: permission mask of everything written (``--umask``)
+    umask: int = 0o022
     verbosity: int = 0
     preproc: PreprocConfig = field(default_factory=PreprocConfig)
     segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)

@@ -49,6 +49,52 @@ def _voxel_size(value: str) -> float:
     return number
 
 
+#: Nipype execution plugins ``--plugin`` passes through (Nipype's own names)
+PLUGINS = ("Linear", "MultiProc", "SLURM", "SLURMGraph", "SGE", "SGEGraph", "PBS", "PBSGraph", "LSF", "Condor")
+
+
+def _umask(value: str) -> int:
+    try:
+        number = int(value, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an octal umask such as 0022 or 0002") from None
+    if not 0 <= number <= 0o777:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an octal umask between 0000 and 0777")
+    if number & 0o400:
+        raise argparse.ArgumentTypeError(f"{value!r} would make the outputs unreadable for their owner")
+    return number
+
+
+def _plugin_args(value: str) -> dict:
+    """A JSON object, or a JSON/YAML file holding one (``{"sbatch_args": "-p short --mem 8G"}``)."""
+    import json
+
+    text, origin = value, "--plugin-args"
+    path = Path(value).expanduser()
+    if not value.lstrip().startswith("{") and path.is_file():
+        text, origin = path.read_text(), str(path)
+        if path.suffix in (".yml", ".yaml"):
+            try:
+                import yaml
+            except ImportError:
+                raise argparse.ArgumentTypeError(f"{path}: reading YAML needs PyYAML; give JSON instead") from None
+            try:
+                data = yaml.safe_load(text)
+            except yaml.YAMLError as exc:
+                raise argparse.ArgumentTypeError(f"{path}: not valid YAML ({exc})") from None
+            text = None
+    if text is not None:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise argparse.ArgumentTypeError(f"{origin}: not a JSON object nor a JSON/YAML file ({exc.msg} at "
+                                             f"character {exc.pos})") from None
+    if not isinstance(data, dict):
+        raise argparse.ArgumentTypeError(f"{origin}: must be a JSON object of plugin arguments, e.g. "
+                                         '\'{"sbatch_args": "-p short"}\'')
+    return data
+
+
 def _existing_file(value: str) -> Path:
     path = Path(value).expanduser()
     if not path.is_file():
@@ -138,13 +184,35 @@ def get_parser() -> argparse.ArgumentParser:
                       help="seed of every random choice (registration sampling, MC-dropout); default 42")
     perf.add_argument("--stop-on-first-crash", action="store_true",
                       help="stop the whole run at the first failing step instead of finishing other subjects")
+    perf.add_argument("--plugin", choices=PLUGINS, metavar="NAME", default=None,
+                      help="Nipype execution plugin: " + ", ".join(PLUGINS) + " (default: MultiProc with "
+                           "--nprocs, Linear when --nprocs 1). SLURM/SGE/PBS/LSF/Condor submit each step as a "
+                           "cluster job; the *Graph variants submit the whole graph at once with dependencies")
+    perf.add_argument("--plugin-args", type=_plugin_args, metavar="JSON|FILE", default=None,
+                      help="arguments of the plugin as a JSON object or a JSON/YAML file, e.g. "
+                           "'{\"sbatch_args\": \"-p short --mem 8G\"}' (see Nipype's plugin documentation)")
+    perf.add_argument("--umask", type=_umask, metavar="OCTAL",
+                      default=os.getenv("ARBORSEG_UMASK", "0022"),
+                      help="permission mask of every file and folder ArborSeg writes (default: $ARBORSEG_UMASK, "
+                           "else 0022: readable by the group and others; 0002 also lets the group write; "
+                           "0027 hides the outputs from others)")
 
     wf = parser.add_argument_group("workflow")
     wf.add_argument("--template", default="MNI152NLin6Asym", metavar="NAME",
                     help="TemplateFlow template for registration and the cerebellum crop (default: MNI152NLin6Asym)")
     wf.add_argument("--templateflow-home", type=Path, metavar="DIR",
                     default=Path(os.environ["TEMPLATEFLOW_HOME"]) if os.getenv("TEMPLATEFLOW_HOME") else None,
-                    help="folder of TemplateFlow templates (default: $TEMPLATEFLOW_HOME, else ~/.cache/templateflow)")
+                    help="folder of TemplateFlow templates (default: $TEMPLATEFLOW_HOME, else the resource cache)")
+    wf.add_argument("--atlas-dir", type=Path, metavar="DIR",
+                    default=Path(os.environ["ARBORSEG_ATLAS_DIR"]) if os.getenv("ARBORSEG_ATLAS_DIR") else None,
+                    help="folder of the cerebellar atlases (default: $ARBORSEG_ATLAS_DIR, else the resource "
+                         "cache); 'arborseg-resources status' lists what is found where")
+    wf.add_argument("--cache-dir", type=Path, metavar="DIR",
+                    default=Path(os.environ["ARBORSEG_CACHE_DIR"]) if os.getenv("ARBORSEG_CACHE_DIR") else None,
+                    help="resource cache: templates and atlases are looked up there and downloaded into it when "
+                         "missing (default: $ARBORSEG_CACHE_DIR, else <work-dir>/cache; never $HOME)")
+    wf.add_argument("--offline", action="store_true", default=os.getenv("ARBORSEG_OFFLINE", "0") == "1",
+                    help="never download a resource (default: $ARBORSEG_OFFLINE=1 sets it)")
     wf.add_argument("--voxel-size", type=_voxel_size, default=1.0, metavar="MM",
                     help="isotropic voxel size of the conformed T1w space (default 1.0 mm)")
     wf.add_argument("--no-denoise", action="store_true", help="skip non-local means denoising")

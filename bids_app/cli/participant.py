@@ -218,13 +218,7 @@ def _execute(config: RunConfig, template, runs: dict[str, SubjectRun], ready: li
                                    "stop_on_first_crash": config.stop_on_first_crash,
                                    "poll_sleep_duration": 0.2})
     timer = StageTimer(runs, _count_nodes(wf))
-    plugin_args = {"status_callback": timer, "raise_insufficient": False}
-    if config.nprocs > 1:
-        plugin, plugin_args["n_procs"] = "MultiProc", config.nprocs
-        if config.mem_gb:
-            plugin_args["memory_gb"] = config.mem_gb
-    else:
-        plugin = "Linear"
+    plugin, plugin_args = execution_plugin(config, timer)
     started = time.time()
     LOGGER.info("running %d subject workflow(s) with %s (nprocs=%d, omp-nthreads=%d), work dir %s", len(ready),
                 plugin, config.nprocs, config.omp_nthreads, config.work_dir)
@@ -236,6 +230,31 @@ def _execute(config: RunConfig, template, runs: dict[str, SubjectRun], ready: li
         if run.failed_nodes:
             run.status = "failed"
             run.error = _crash_message(crash_dir, run.failed_nodes, started) or f"failed at {run.failed_nodes[0]}"
+
+
+#: plugins that run nodes in this process tree and accept ``status_callback``; the batch-system
+#: plugins run them as cluster jobs, so failures are found from the outputs (``_check_outputs``)
+_LOCAL_PLUGINS = ("Linear", "MultiProc")
+
+
+def execution_plugin(config: RunConfig, status_callback=None) -> tuple[str, dict]:
+    """Nipype's plugin name and arguments for this run.
+
+    ``--plugin``/``--plugin-args`` pass through to Nipype; without ``--plugin`` it is MultiProc with
+    ``--nprocs`` processes (and ``--mem-gb``), or Linear for one process. The user's arguments win
+    over the defaults set here.
+    """
+    plugin = config.plugin or ("MultiProc" if config.nprocs > 1 else "Linear")
+    args: dict = {}
+    if plugin == "MultiProc":
+        args["n_procs"] = config.nprocs
+        args["raise_insufficient"] = False
+        if config.mem_gb:
+            args["memory_gb"] = config.mem_gb
+    if plugin in _LOCAL_PLUGINS and status_callback is not None:
+        args["status_callback"] = status_callback
+    args.update(config.plugin_args)
+    return plugin, args
 
 
 def _check_outputs(config: RunConfig, run: SubjectRun) -> None:

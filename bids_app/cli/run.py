@@ -78,6 +78,9 @@ def build_config(opts, argv: list[str]):
         device=opts.device, random_seed=opts.random_seed, stop_on_first_crash=opts.stop_on_first_crash,
         reports_only=opts.reports_only, template=opts.template,
         templateflow_home=opts.templateflow_home.expanduser().resolve() if opts.templateflow_home else None,
+        atlas_dir=opts.atlas_dir.expanduser().resolve() if opts.atlas_dir else None,
+        cache_dir=(opts.cache_dir or work_dir / "cache").expanduser().resolve(), offline=opts.offline,
+        plugin=opts.plugin, plugin_args=dict(opts.plugin_args or {}), umask=opts.umask,
         verbosity=opts.verbose, preproc=preproc, segmentation=segmentation,
         parcellation=parcellation, version=__version__,
         command=" ".join(shlex.quote(a) for a in ["arborseg", *argv]), run_uuid=_run_id(),
@@ -174,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     opts = get_parser().parse_args(argv)
     setup_logging(opts.verbose)
+    os.umask(opts.umask)  # every file and folder written from here on (Nipype's workers inherit it)
     os.environ.setdefault("NIPYPE_NO_ET", "1")
     # bit-identical CPU results whatever the thread count: MKL reads this at its first call only
     os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
