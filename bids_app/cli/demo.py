@@ -60,22 +60,14 @@ def write_phantom_templateflow(home: Path, *, name: str = PHANTOM_TEMPLATE, targ
 
 
 def _template_available(name: str) -> bool:
-    from ..resources import resolve_template
+    """Whether ``name`` is available locally (no download is attempted)."""
+    from ..resources import Places, resolve_template
 
-    import os
-
-    previous = os.environ.get("ARBORSEG_OFFLINE")
-    os.environ["ARBORSEG_OFFLINE"] = "1"
     try:
-        resolve_template(name)
+        resolve_template(name, places=Places(offline=True))
         return True
     except ArborSegError:
         return False
-    finally:
-        if previous is None:
-            os.environ.pop("ARBORSEG_OFFLINE", None)
-        else:
-            os.environ["ARBORSEG_OFFLINE"] = previous
 
 
 def get_parser() -> argparse.ArgumentParser:

@@ -128,7 +128,7 @@ def _crash_message(crash_dir: Path, node_names: list[str], since: float) -> str 
 def run_participant(config: RunConfig, *, clean_workdir: bool = False) -> int:
     """Run the participant level; returns the exit code."""
     from ..reports.build import software_versions, write_citation, write_record, write_subject_report
-    from ..resources import resolve_template
+    from ..resources import places_from_config, resolve_template
 
     start = time.time()
     layout = load_layout(config.bids_dir, validate=not config.skip_bids_validation)
@@ -140,6 +140,11 @@ def run_participant(config: RunConfig, *, clean_workdir: bool = False) -> int:
     LOGGER.info("ArborSeg %s | %d subject/session(s) selected | output: %s", config.version, len(runs),
                 config.output_dir)
 
+    template = None
+    if not config.reports_only:  # every resource is checked before anything is written
+        template = resolve_template(config.template, places=places_from_config(config),
+                                    registration_resolution=config.preproc.registration_resolution)
+
     logs = config.output_dir / "logs"
     config.output_dir.mkdir(parents=True, exist_ok=True)
     write_dataset_description(config.output_dir, bids_dir=config.bids_dir, version=config.version)
@@ -149,8 +154,6 @@ def run_participant(config: RunConfig, *, clean_workdir: bool = False) -> int:
     if config.reports_only:
         return _reports_only(config, runs, versions)
 
-    template = resolve_template(config.template, home=config.templateflow_home,
-                                registration_resolution=config.preproc.registration_resolution)
     seg = config.segmentation
     if seg.active:
         LOGGER.info("whole-brain segmentation: %d model(s) (%s, %s protocol), %d MC-dropout samples, device %s",
