@@ -171,6 +171,17 @@ def _require_mps() -> None:
         raise ResourceError("--device mps: Apple MPS is not available to PyTorch; use --device cpu or auto")
 
 
+def _private_caches(work_dir: Path) -> None:
+    """Caches of the libraries go to the work dir, never to ``$HOME`` (read-only or shared in containers)."""
+    if not os.getenv("MPLCONFIGDIR"):
+        folder = work_dir / ".cache" / "matplotlib"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError:  # an unusable work dir is reported later, with the file named
+            return
+        os.environ["MPLCONFIGDIR"] = str(folder)
+
+
 def main(argv: list[str] | None = None) -> int:
     from .parser import get_parser
 
@@ -183,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
     try:
         config, clean = build_config(opts, argv)
+        _private_caches(config.work_dir)
         if config.analysis_level == "participant":
             from .participant import run_participant
 

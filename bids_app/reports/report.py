@@ -24,13 +24,14 @@ import math
 import numbers
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import quote
 
 import jinja2
 from markupsafe import Markup
+
+from ..atomic import atomic_output
 
 LOGGER = logging.getLogger(__name__)
 
@@ -168,23 +169,8 @@ def _environment() -> jinja2.Environment:
 
 
 def _atomic_write_text(out_file: Path, text: str) -> Path:
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.NamedTemporaryFile(
-        "w", encoding="utf-8", dir=out_file.parent, prefix=f".{out_file.name}.", suffix=".tmp", delete=False
-    )
-    try:
-        with tmp:
-            tmp.write(text)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.chmod(tmp.name, 0o644)  # NamedTemporaryFile creates 0600 files
-        os.replace(tmp.name, out_file)
-    except BaseException:
-        try:
-            os.unlink(tmp.name)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_output(out_file) as tmp:
+        tmp.write_text(text, encoding="utf-8")
     return out_file
 
 

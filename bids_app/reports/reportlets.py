@@ -28,7 +28,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -36,6 +35,8 @@ from xml.sax.saxutils import escape as _xml_escape
 
 import nibabel as nb
 import numpy as np
+
+from ..atomic import atomic_output
 
 LOGGER = logging.getLogger(__name__)
 
@@ -341,19 +342,8 @@ def _fmt(out_file: Path) -> str:
 
 
 def _atomic_write_bytes(path: Path, payload: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(payload)
 
 
 def _new_figure(width_in: float, height_in: float):
