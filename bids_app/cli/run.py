@@ -173,13 +173,8 @@ def _require_mps() -> None:
 
 def _private_caches(work_dir: Path) -> None:
     """Caches of the libraries go to the work dir, never to ``$HOME`` (read-only or shared in containers)."""
-    if not os.getenv("MPLCONFIGDIR"):
-        folder = work_dir / ".cache" / "matplotlib"
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError:  # an unusable work dir is reported later, with the file named
-            return
-        os.environ["MPLCONFIGDIR"] = str(folder)
+    if not os.getenv("MPLCONFIGDIR"):  # matplotlib creates it when it first needs it
+        os.environ["MPLCONFIGDIR"] = str(work_dir / ".cache" / "matplotlib")
 
 
 def main(argv: list[str] | None = None) -> int:

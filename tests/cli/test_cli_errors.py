@@ -144,6 +144,11 @@ def test_template_missing_offline(tmp_path, capsys, make_bids, monkeypatch):
     assert code == EXIT_RESOURCE
     line = _error_lines(err)[0]
     assert "TEMPLATEFLOW_HOME" in line and "tpl-MNI152NLin6Asym_res-02_T1w.nii.gz" in line
+    # the resource, where it was looked for, and how to provide it
+    assert "MNI152NLin6Asym-T1w-2mm" in line and str(empty) in line and "arborseg-resources fetch" in line
+    assert str(tmp_path / "work" / "cache" / "templateflow") in line
+    # stopped before any work: nothing written at all
+    assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()
 
 
 def test_output_inside_input_refused(tmp_path, capsys, make_bids, phantom_templateflow):
