@@ -50,7 +50,7 @@ def _voxel_size(value: str) -> float:
 
 
 #: Nipype execution plugins ``--plugin`` passes through (Nipype's own names)
-PLUGINS = ("Linear", "MultiProc", "SLURM", "SLURMGraph", "SGE", "SGEGraph", "PBS", "PBSGraph", "LSF", "Condor")
+PLUGINS = ("Linear", "MultiProc", "SLURM", "SLURMGraph", "SGE", "PBS", "LSF", "Condor")
 
 
 def _umask(value: str) -> int:
@@ -173,8 +173,9 @@ def get_parser() -> argparse.ArgumentParser:
     perf.add_argument("--nprocs", "--nthreads", "--n-cpus", type=_positive_int, metavar="N",
                       default=None, help="processes run in parallel (default: all CPUs)")
     perf.add_argument("--omp-nthreads", type=_positive_int, metavar="N", default=None,
-                      help="threads per process for ANTs/ITK and PyTorch (default: --nprocs, at most 8). "
-                           "Results do not depend on it.")
+                      help="threads per process for ANTs/ITK and PyTorch (default: --nprocs, at most 8). With more "
+                           "than 1, ANTs' denoising differs slightly from run to run; use 1 (or --no-denoise) "
+                           "for bit-identical results")
     perf.add_argument("--mem-gb", type=_positive_float, metavar="GB",
                       help="upper bound on memory the scheduler may plan for (default: no bound)")
     perf.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
@@ -187,7 +188,7 @@ def get_parser() -> argparse.ArgumentParser:
     perf.add_argument("--plugin", choices=PLUGINS, metavar="NAME", default=None,
                       help="Nipype execution plugin: " + ", ".join(PLUGINS) + " (default: MultiProc with "
                            "--nprocs, Linear when --nprocs 1). SLURM/SGE/PBS/LSF/Condor submit each step as a "
-                           "cluster job; the *Graph variants submit the whole graph at once with dependencies")
+                           "cluster job; SLURMGraph submits the whole graph at once with dependencies and waits for it")
     perf.add_argument("--plugin-args", type=_plugin_args, metavar="JSON|FILE", default=None,
                       help="arguments of the plugin as a JSON object or a JSON/YAML file, e.g. "
                            "'{\"sbatch_args\": \"-p short --mem 8G\"}' (see Nipype's plugin documentation)")

@@ -210,6 +210,10 @@ def _execute(config: RunConfig, template, runs: dict[str, SubjectRun], ready: li
     # threads of ANTs/ITK in the worker processes (inherited from this environment)
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(config.omp_nthreads)
     os.environ["OMP_NUM_THREADS"] = str(config.omp_nthreads)
+    if config.plugin not in (None, "Linear", "MultiProc") and not os.getenv("LOGNAME"):
+        # nipype's SLURM/SGE/PBS/LSF/Condor plugins name jobs after $LOGNAME (KeyError when unset:
+        # containers, cron, some batch environments)
+        os.environ["LOGNAME"] = _login_name()
 
     config.work_dir.mkdir(parents=True, exist_ok=True)
     wf = init_arborseg_wf(subjects=[r.inputs for r in ready], bids_dir=config.bids_dir, output_dir=config.output_dir,
@@ -225,19 +229,36 @@ def _execute(config: RunConfig, template, runs: dict[str, SubjectRun], ready: li
     started = time.time()
     LOGGER.info("running %d subject workflow(s) with %s (nprocs=%d, omp-nthreads=%d), work dir %s", len(ready),
                 plugin, config.nprocs, config.omp_nthreads, config.work_dir)
+    notes: dict[str, str] = {}  # node -> why its cluster job ended without a crash file
     try:
-        wf.run(plugin=plugin, plugin_args=plugin_args)
+        execgraph = wf.run(plugin=plugin, plugin_args=plugin_args)
     except RuntimeError as exc:  # nipype: "Workflow did not execute cleanly"
         LOGGER.debug("workflow ended with errors: %s", exc)
+    else:
+        if plugin in _GRAPH_PLUGINS:  # nipype returns once the jobs are submitted
+            notes = _follow_graph_jobs(config, plugin, execgraph, runs, started)
     for run in ready:
         if run.failed_nodes:
             run.status = "failed"
-            run.error = _crash_message(crash_dir, run.failed_nodes, started) or f"failed at {run.failed_nodes[0]}"
+            run.error = (_crash_message(crash_dir, run.failed_nodes, started) or notes.get(run.failed_nodes[0])
+                         or f"failed at {run.failed_nodes[0]}")
 
 
-#: plugins that run nodes in this process tree and accept ``status_callback``; the batch-system
-#: plugins run them as cluster jobs, so failures are found from the outputs (``_check_outputs``)
-_LOCAL_PLUGINS = ("Linear", "MultiProc")
+def _login_name() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a UID without a passwd entry (docker --user, Singularity)
+        return f"uid{os.getuid()}"
+
+
+#: plugins that submit the whole graph at once and return; they do not take ``status_callback``
+#: (Nipype warns and ignores it), and ArborSeg follows their jobs itself (``_follow_graph_jobs``).
+#: Linear, MultiProc and the per-step batch plugins (SLURM, SGE, PBS, LSF, Condor) call it from this
+#: process: for the batch plugins a step "starts" when submitted. SGEGraph and PBSGraph are not
+#: offered: their jobs cannot be followed, so every subject would end as failed.
+_GRAPH_PLUGINS = ("SLURMGraph",)
 
 
 def execution_plugin(config: RunConfig, status_callback=None) -> tuple[str, dict]:
@@ -254,10 +275,160 @@ def execution_plugin(config: RunConfig, status_callback=None) -> tuple[str, dict
         args["raise_insufficient"] = False
         if config.mem_gb:
             args["memory_gb"] = config.mem_gb
-    if plugin in _LOCAL_PLUGINS and status_callback is not None:
+    if plugin == "SLURMGraph":
+        # nipype's default, given explicitly: without it the plugin fails when plugin_args is empty
+        # (AttributeError: 'SLURMGraphPlugin' object has no attribute '_dont_resubmit_completed_jobs')
+        args["dont_resubmit_completed_jobs"] = False
+    if plugin not in _GRAPH_PLUGINS and status_callback is not None:
         args["status_callback"] = status_callback
     args.update(config.plugin_args)
     return plugin, args
+
+
+#: SLURM job states after which a job runs no more
+_SLURM_ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL",
+                "DEADLINE", "PREEMPTED", "SPECIAL_EXIT", "REVOKED"}
+
+
+def _follow_graph_jobs(config: RunConfig, plugin: str, execgraph, runs: dict[str, SubjectRun],
+                       started: float) -> dict[str, str]:
+    """Wait for the jobs a graph plugin submitted, then mark the nodes that failed.
+
+    Nipype's graph plugins write one batch script per node into ``<work>/arborseg_wf/batch``, submit
+    them with dependencies and return at once. For SLURMGraph the jobs of this run (their command is
+    one of the batch scripts written now) are followed with ``squeue`` until none is pending or
+    running; jobs left waiting on a dependency that failed (``DependencyNeverSatisfied``) are
+    cancelled. Ctrl-C cancels every job of this run. Failed nodes come from the crash files written
+    since ``started`` and from jobs that ended in another state than COMPLETED (time limit, memory,
+    node failure); returns, per such node, the line that says so.
+    """
+    import networkx as nx
+
+    batch_dir = config.work_dir / "arborseg_wf" / "batch"
+    scripts = {str(p) for p in batch_dir.glob("batchscript_*.sh") if p.stat().st_mtime >= started - 1}
+    nodes = list(nx.topological_sort(execgraph))
+    order = [n.fullname for n in nodes]
+    # batchscript_pyscript_<time>_<hierarchy>_<id>.sh (nipype.pipeline.plugins.tools.create_pyscript)
+    by_script = {s: n.fullname for n in nodes for s in scripts if s.endswith(f"_{n._hierarchy}_{n._id}.sh")}
+    ended = _wait_slurm(scripts, len(scripts))  # script -> (job id, final state)
+    crashed = _crashed_nodes(config.output_dir / "logs" / "crash", started)
+    notes = {by_script[s]: f"{by_script[s].split('.', 2)[-1]}: SLURM job {job} ended {state}"
+             for s, (job, state) in ended.items() if state != "COMPLETED" and s in by_script}
+    failed = [f for f in order if f in crashed or f in notes]
+    for fullname in failed:
+        run = runs.get(StageTimer._split(fullname)[0] or "")
+        if run is not None:
+            run.failed_nodes.append(fullname)
+            LOGGER.error("%s | %s failed", run.inputs.label, fullname.split(".", 2)[-1])
+    _stage_seconds_from_results(nodes, runs, started)
+    return notes
+
+
+def _stage_seconds_from_results(nodes, runs: dict[str, SubjectRun], started: float) -> None:
+    """Per-stage times of a graph-plugin run (no ``status_callback``): the interface run times in the
+    result files the jobs wrote since ``started`` (steps taken from the cache count nothing)."""
+    for node in nodes:
+        subject, stage = StageTimer._split(node.fullname)
+        run = runs.get(subject or "")
+        result_file = Path(node.output_dir()) / f"result_{node.name}.pklz"
+        if run is None or not result_file.is_file() or result_file.stat().st_mtime < started - 1:
+            continue
+        try:
+            runtime = node.result.runtime
+        except Exception:  # an unreadable result: the step shows as failed elsewhere
+            continue
+        runtimes = runtime if isinstance(runtime, list) else [runtime]
+        seconds = sum(getattr(r, "duration", 0.0) or 0.0 for r in runtimes)
+        run.stage_seconds[stage] = run.stage_seconds.get(stage, 0.0) + seconds
+
+
+def _wait_slurm(scripts: set[str], total: int, poll: float = 2.0) -> dict[str, tuple[str, str]]:
+    """Poll ``squeue`` until no job whose command is one of ``scripts`` is pending or running."""
+    import subprocess
+
+    seen, ended, cancelled = set(), {}, set()
+    last_log, failures = 0.0, 0
+    # --user takes a uid too: works without a passwd entry for it (containers)
+    cmd = ["squeue", "--noheader", "--states=all", f"--user={os.getuid()}", "--format=%i|%T|%r|%o"]
+    try:
+        while True:
+            try:
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=60).stdout
+                failures = 0
+            except (OSError, subprocess.SubprocessError) as exc:
+                failures += 1
+                if failures >= 10:  # slurmctld unreachable for a while: stop waiting, report what is there
+                    LOGGER.error("squeue keeps failing (%s); not waiting for the SLURM jobs any longer", exc)
+                    break
+                time.sleep(poll)
+                continue
+            active, never = {}, []
+            for line in out.splitlines():
+                job, state, reason, command = (line.split("|", 3) + ["", "", ""])[:4]
+                if command.strip() not in scripts:
+                    continue
+                seen.add(command.strip())
+                state = state.split()[0] if state else ""
+                if state in _SLURM_ENDED:
+                    ended[command.strip()] = (job, state)
+                elif state == "PENDING" and "DependencyNeverSatisfied" in reason:
+                    never.append(job)
+                else:
+                    active[job] = state
+            if never:  # a step upstream failed: these wait forever on most clusters
+                subprocess.run(["scancel", *never], capture_output=True)
+                cancelled.update(never)
+            if not seen and total:
+                LOGGER.error("none of the %d SLURM jobs of this run is in the queue: did sbatch fail? Try one "
+                             "line of work/arborseg_wf/batch/submit_jobs.sh by hand", total)
+                break
+            if not active and not never:
+                break
+            if time.monotonic() - last_log >= 30:
+                running = sum(s == "RUNNING" for s in active.values())
+                LOGGER.info("SLURM: %d running, %d waiting, %d of %d jobs ended", running,
+                            len(active) - running, len(ended), total)
+                last_log = time.monotonic()
+            time.sleep(poll)
+    except KeyboardInterrupt:
+        mine = _slurm_jobs(cmd, scripts)
+        if mine:
+            LOGGER.error("interrupted: cancelling the %d SLURM jobs of this run", len(mine))
+            subprocess.run(["scancel", *mine], capture_output=True)
+        raise
+    if cancelled:
+        LOGGER.warning("cancelled %d SLURM jobs whose dependencies failed", len(cancelled))
+    return {s: (job, state) for s, (job, state) in ended.items() if job not in cancelled}
+
+
+def _slurm_jobs(cmd: list[str], scripts: set[str]) -> list[str]:
+    """Ids of the jobs of this run that are still pending or running."""
+    import subprocess
+
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    jobs = []
+    for line in out.splitlines():
+        job, state, _reason, command = (line.split("|", 3) + ["", "", ""])[:4]
+        if command.strip() in scripts and (state.split() or [""])[0] not in _SLURM_ENDED:
+            jobs.append(job)
+    return jobs
+
+
+def _crashed_nodes(crash_dir: Path, since: float) -> set[str]:
+    """Full names of the nodes with a crash file written since ``since`` (first line ``Node: <name>``)."""
+    names = set()
+    if crash_dir.is_dir():
+        for crash in crash_dir.glob("crash-*.txt"):
+            if crash.stat().st_mtime + 1 < since:
+                continue
+            with open(crash, errors="replace") as fh:
+                first = fh.readline().strip()
+            if first.startswith("Node: "):
+                names.add(first.removeprefix("Node: "))
+    return names
 
 
 def _check_outputs(config: RunConfig, run: SubjectRun) -> None:

@@ -33,14 +33,21 @@ print_logs() {
 }
 
 alive() {  # alive PIDFILE: the process named in the pid file runs
-    [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null
+    local pid
+    pid=$(cat "$1" 2>/dev/null) && [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null
 }
 
-stop_daemon() {  # stop_daemon NAME PIDFILE
-    if alive "$2"; then
-        say "stopping $1 (pid $(cat "$2"))"
-        kill "$(cat "$2")" 2>/dev/null || true
-        for _ in $(seq 1 50); do alive "$2" || break; sleep 0.2; done
+stop_daemon() {  # stop_daemon NAME PIDFILE: stop the process of the pid file and wait until it is gone
+    local pid
+    pid=$(cat "$2" 2>/dev/null) || pid=""
+    if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+        say "stopping $1 (pid $pid)"
+        kill "$pid" 2>/dev/null || true
+        for _ in $(seq 1 75); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+        if kill -0 "$pid" 2>/dev/null; then
+            say "$1 (pid $pid) did not stop within 15 s; killing it"
+            kill -9 "$pid" 2>/dev/null || true
+        fi
     fi
     rm -f "$2"
 }
@@ -115,11 +122,15 @@ TaskPlugin=task/none
 SwitchType=switch/none
 ReturnToService=2
 SchedulerType=sched/backfill
+# short jobs with dependencies (one per Nipype step): look for startable jobs every second
+SchedulerParameters=bf_interval=1,sched_min_interval=0
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
+# jobs keep the nice value of the submitting command (a CI machine shared with other work)
+PropagatePrioProcess=1
 StateSaveLocation=$STATE
 SlurmdSpoolDir=$SPOOL
 SlurmctldPidFile=$RUN/slurmctld.pid
