@@ -382,7 +382,7 @@ def fit(cfg: TrainConfig, data_root: Path, run_dir: Path, *, fold: int | None = 
         it += 1
         with torch.no_grad():
             dice = hard_dice(logits.argmax(1), y, len(protocol))[1:]
-        progress.step(it, float(loss), float(torch.nanmean(dice)), opt.param_groups[0]["lr"])
+        progress.step(it, float(loss.detach()), float(torch.nanmean(dice)), opt.param_groups[0]["lr"])
         if it % cfg.checkpoint_every == 0 or it == cfg.iterations:
             save_state(run_dir, model, opt, gen, it, history, cfg)
     if it < cfg.iterations:
@@ -455,7 +455,7 @@ def fit_segnet(cfg: TrainConfig, data_root: Path, run_dir: Path, *, fold: int | 
         loss.backward()
         opt.step()
         it += 1
-        progress.step(it, float(loss), float((logits.argmax(1) == target).float().mean()),
+        progress.step(it, float(loss.detach()), float((logits.argmax(1) == target).float().mean()),
                       opt.param_groups[0]["lr"])
         if it % cfg.checkpoint_every == 0 or it == cfg.iterations:
             save_state(run_dir, model, opt, gen, it, history, cfg)
