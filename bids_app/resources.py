@@ -23,13 +23,13 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from importlib import resources as importlib_resources
 from pathlib import Path
 
+from .atomic import atomic_output
 from .errors import ResourceError
 
 LOGGER = logging.getLogger(__name__)
@@ -209,11 +209,8 @@ def fetch(resource: Resource, dest: Path, *, source: str | None = None) -> Path:
     when the sha256 matches the manifest.
     """
     source = source or resource.url
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out:
+    with atomic_output(dest) as tmp:  # removed, not renamed, when the digest check raises
+        with open(tmp, "wb") as out:
             if "://" in source:
                 try:
                     with urllib.request.urlopen(source, timeout=DOWNLOAD_TIMEOUT_S) as response:  # noqa: S310
@@ -229,10 +226,6 @@ def fetch(resource: Resource, dest: Path, *, source: str | None = None) -> Path:
         if digest != resource.sha256:
             raise ResourceError(f"resource {resource.id}: {source} has sha256 {digest}, the manifest expects "
                                 f"{resource.sha256}; not used")
-        os.chmod(tmp, 0o666 & ~_current_umask())
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
     LOGGER.info("resource %s: %s -> %s", resource.id, source, dest)
     return dest
 
@@ -247,12 +240,6 @@ def _copy(src, out, *, gzip_it: bool) -> None:
             shutil.copyfileobj(src, gz, 1 << 20)
     else:
         shutil.copyfileobj(src, out, 1 << 20)
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def how_to_provide(resource: Resource) -> str:

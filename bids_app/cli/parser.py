@@ -95,6 +95,11 @@ def _plugin_args(value: str) -> dict:
     return data
 
 
+def env_path(name: str) -> Path | None:
+    """The folder named by environment variable ``name`` (a default of an option), or ``None``."""
+    return Path(os.environ[name]) if os.getenv(name) else None
+
+
 def _existing_file(value: str) -> Path:
     path = Path(value).expanduser()
     if not path.is_file():
@@ -202,14 +207,14 @@ def get_parser() -> argparse.ArgumentParser:
     wf.add_argument("--template", default="MNI152NLin6Asym", metavar="NAME",
                     help="TemplateFlow template for registration and the cerebellum crop (default: MNI152NLin6Asym)")
     wf.add_argument("--templateflow-home", type=Path, metavar="DIR",
-                    default=Path(os.environ["TEMPLATEFLOW_HOME"]) if os.getenv("TEMPLATEFLOW_HOME") else None,
+                    default=env_path("TEMPLATEFLOW_HOME"),
                     help="folder of TemplateFlow templates (default: $TEMPLATEFLOW_HOME, else the resource cache)")
     wf.add_argument("--atlas-dir", type=Path, metavar="DIR",
-                    default=Path(os.environ["ARBORSEG_ATLAS_DIR"]) if os.getenv("ARBORSEG_ATLAS_DIR") else None,
+                    default=env_path("ARBORSEG_ATLAS_DIR"),
                     help="folder of the cerebellar atlases (default: $ARBORSEG_ATLAS_DIR, else the resource "
                          "cache); 'arborseg-resources status' lists what is found where")
     wf.add_argument("--cache-dir", type=Path, metavar="DIR",
-                    default=Path(os.environ["ARBORSEG_CACHE_DIR"]) if os.getenv("ARBORSEG_CACHE_DIR") else None,
+                    default=env_path("ARBORSEG_CACHE_DIR"),
                     help="resource cache: templates and atlases are looked up there and downloaded into it when "
                          "missing (default: $ARBORSEG_CACHE_DIR, else <work-dir>/cache; never $HOME)")
     wf.add_argument("--offline", action="store_true", default=os.getenv("ARBORSEG_OFFLINE", "0") == "1",

@@ -236,7 +236,7 @@ def _execute(config: RunConfig, template, runs: dict[str, SubjectRun], ready: li
         LOGGER.debug("workflow ended with errors: %s", exc)
     else:
         if plugin in _GRAPH_PLUGINS:  # nipype returns once the jobs are submitted
-            notes = _follow_graph_jobs(config, plugin, execgraph, runs, started)
+            notes = _follow_graph_jobs(config, execgraph, runs, started)
     for run in ready:
         if run.failed_nodes:
             run.status = "failed"
@@ -290,7 +290,7 @@ _SLURM_ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", 
                 "DEADLINE", "PREEMPTED", "SPECIAL_EXIT", "REVOKED"}
 
 
-def _follow_graph_jobs(config: RunConfig, plugin: str, execgraph, runs: dict[str, SubjectRun],
+def _follow_graph_jobs(config: RunConfig, execgraph, runs: dict[str, SubjectRun],
                        started: float) -> dict[str, str]:
     """Wait for the jobs a graph plugin submitted, then mark the nodes that failed.
 

@@ -18,12 +18,9 @@ from pathlib import Path
 
 from ..errors import EXIT_OK, EXIT_RESOURCE, ArborSegError
 from ..resources import GROUPS, PIPELINE_STAGES, Places, fetch, how_to_provide, load_manifest, locate
+from .parser import env_path
 
 LOGGER = logging.getLogger("arborseg")
-
-
-def _env_path(name: str) -> Path | None:
-    return Path(os.environ[name]) if os.getenv(name) else None
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -31,18 +28,18 @@ def get_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--templateflow-home", type=Path, default=_env_path("TEMPLATEFLOW_HOME"), metavar="DIR",
+    common.add_argument("--templateflow-home", type=Path, default=env_path("TEMPLATEFLOW_HOME"), metavar="DIR",
                         help="TemplateFlow folder (default: $TEMPLATEFLOW_HOME)")
-    common.add_argument("--atlas-dir", type=Path, default=_env_path("ARBORSEG_ATLAS_DIR"), metavar="DIR",
+    common.add_argument("--atlas-dir", type=Path, default=env_path("ARBORSEG_ATLAS_DIR"), metavar="DIR",
                         help="cerebellar atlas folder (default: $ARBORSEG_ATLAS_DIR)")
     common.add_argument("-v", "--verbose", action="store_true", help="log every step")
     status = sub.add_parser("status", parents=[common], help="print where each resource is found (no download)")
-    status.add_argument("--cache-dir", type=Path, default=_env_path("ARBORSEG_CACHE_DIR"), metavar="DIR",
+    status.add_argument("--cache-dir", type=Path, default=env_path("ARBORSEG_CACHE_DIR"), metavar="DIR",
                         help="resource cache (default: $ARBORSEG_CACHE_DIR)")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
     get = sub.add_parser("fetch", parents=[common], help="download (or copy) every resource into a cache and "
                                                           "verify its sha256")
-    get.add_argument("--cache-dir", type=Path, default=_env_path("ARBORSEG_CACHE_DIR"), metavar="DIR",
+    get.add_argument("--cache-dir", type=Path, default=env_path("ARBORSEG_CACHE_DIR"), metavar="DIR",
                      required=not os.getenv("ARBORSEG_CACHE_DIR"),
                      help="cache folder to fill (default: $ARBORSEG_CACHE_DIR)")
     get.add_argument("--from", dest="mirror", type=Path, metavar="DIR",

@@ -260,7 +260,7 @@ def test_follow_graph_jobs_marks_failed_steps_and_times_the_others(tmp_path, mon
     runs = {f"sub_{s}_wf": SubjectRun(inputs=AnatInputs(subject=s, session=None, t1w=None)) for s in ("01", "02")}
     config = RunConfig(bids_dir=tmp_path, output_dir=out, analysis_level="participant", work_dir=work,
                        plugin="SLURMGraph")
-    notes = _follow_graph_jobs(config, "SLURMGraph", graph, runs, started)
+    notes = _follow_graph_jobs(config, graph, runs, started)
     assert runs["sub_01_wf"].failed_nodes == [n4.fullname]  # not the step cancelled after it
     assert runs["sub_02_wf"].failed_nodes == [other.fullname]
     # the crash file explains n4 (participant._crash_message); the killed job only has its SLURM state
