@@ -39,6 +39,9 @@ class AugmentConfig:
     noise_max: float = 0.05
     synth_mean_range: tuple[float, float] = (0.05, 1.0)
     synth_std_max: float = 0.08
+    #: >= 0: the image is zeroed outside the target's foreground dilated by this many voxels (the
+    #: lobule network of the cerebellum cascade sees the T1w masked by the hemisphere network's mask)
+    mask_to_foreground: int = -1
 
     @classmethod
     def none(cls, crop=(64, 64, 64)) -> "AugmentConfig":
@@ -193,6 +196,14 @@ def make_sample(case: dict, cfg: AugmentConfig, gen: torch.Generator, lr_swap: t
         mask = (image > 1e-3).float()
     image = corrupt(image, mask, cfg, gen)
     image = normalise(image, mask)
+    if cfg.mask_to_foreground >= 0:
+        k = int(cfg.mask_to_foreground)
+        fg = (target > 0).float()[None, None]
+        if k:
+            fg = F.max_pool3d(fg, 2 * k + 1, stride=1, padding=k)
+        image = image * fg[0]
+    if "prior" in case:
+        image = torch.cat([image, warp(case["prior"].to(device), grid, "bilinear")], dim=0)
     if flip and lr_swap is not None:
         target = lr_swap.to(target.device)[target]
     return image.float(), target

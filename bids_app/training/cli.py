@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--synthseg", type=Path, help="folder of SynthSeg training label maps (aseg protocol only)")
     p.add_argument("--protocol", default="dkt-aseg")
     p.add_argument("--voxel-size", type=int, default=2, help="integer block factor from 1 mm (default 2)")
+    p.add_argument("--library", type=Path, help="cerebellum library folder (arborseg-build-library)")
+    p.add_argument("--priors", type=Path, help="with --library: folder of <case>_prior.npy atlas priors")
 
     f = sub.add_parser("fit", help="train one network")
     f.add_argument("config", type=Path)
@@ -83,8 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
         if args.command == "prepare":
-            from .prepare import prepare
+            from .prepare import prepare, prepare_library
 
+            if args.library is not None:
+                index = prepare_library(args.out, args.library, factor=args.voxel_size, priors=args.priors)
+                print(f"{len(index['cases'])} cases written to {args.out}")
+                return 0
             index = prepare(args.out, oasis=args.oasis, mindboggle=args.mindboggle, synthseg=args.synthseg,
                             protocol=args.protocol, factor=args.voxel_size)
             print(f"{len(index['cases'])} cases written to {args.out}")

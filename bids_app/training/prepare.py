@@ -182,6 +182,64 @@ def prepare(out_dir: Path, *, oasis: Path | None = None, mindboggle: Path | None
     return index
 
 
+def prepare_library_case(t1w: np.ndarray, lobules: np.ndarray, full: np.ndarray, affine: np.ndarray,
+                         factor: int = 1, prior: np.ndarray | None = None) -> dict:
+    """One cerebellum-library case (crop grid): the T1w, the lobule classes, the generation labels of
+    its ``full`` label map (for synthetic images of the same anatomy) and optionally the atlas prior
+    ``(13, X, Y, Z)`` (side-free lobule probabilities), all on the ``factor`` block grid."""
+    protocol = load_protocol("lobules")
+    values, gen = np.unique(np.asarray(full, dtype=np.int32), return_inverse=True)
+    if values.size > 255:
+        raise ValueError(f"more than 255 distinct labels in the full label map ({values.size})")
+    gen = gen.reshape(full.shape).astype(np.uint8)
+    out = {
+        "img2": block_mean(np.asarray(t1w, np.float32), factor).astype(np.float16),
+        "cls2": block_mode(protocol.to_classes(lobules), factor).astype(np.uint8),
+        "gen2": block_mode(gen, factor).astype(np.uint8) if factor > 1 else gen,
+        "gen_values": values.astype(np.int32), "affine2": block_affine(np.asarray(affine, float), factor),
+    }
+    if prior is not None:
+        out["prior"] = np.stack([block_mean(np.asarray(p, np.float32), factor) for p in prior]).astype(np.float16)
+    return out
+
+
+def prepare_library(out_dir: Path, library_dir: Path, *, factor: int = 1, priors: Path | None = None) -> dict:
+    """Pack a cerebellum library (``arborseg-build-library``) for training: one ``npz`` per case,
+    listed twice in ``index.json``: as a real case and as a label-map (synthetic image) case.
+
+    ``priors`` is a folder of ``<case>_prior.npy`` (leave-subject-out atlas priors, side-free
+    13-class, crop grid), added as extra input channels when given.
+    """
+    import nibabel as nib
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    library = json.loads((Path(library_dir) / "library.json").read_text())
+    index = {"protocol": "lobules", "voxel_size_mm": float(factor), "cases": [],
+             "library": str(library_dir), "prior": priors is not None}
+    for i, entry in enumerate(library["cases"], 1):
+        case = entry["case"]
+        load = lambda key: nib.load(str(Path(library_dir) / entry[key]))  # noqa: E731
+        t1 = load("t1w")
+        prior = None
+        if priors is not None:
+            path = Path(priors) / f"{case}_prior.npy"
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: no atlas prior for library case {case}")
+            prior = np.load(path)
+        arrays = prepare_library_case(np.asarray(t1.dataobj, np.float32), np.asarray(load("dseg").dataobj),
+                                      np.asarray(load("full").dataobj), t1.affine, factor, prior)
+        _save_npz(out_dir / f"{case}.npz", arrays)
+        common = {"file": case, "subject": entry["subject"], "source": "ArborSeg cerebellum library (OASIS-TRT-20 "
+                  "+ Park 2014 lobules)", "licence": "CC BY-NC-SA 4.0"}
+        index["cases"].append({"case": case, "kind": "real", **common})
+        index["cases"].append({"case": f"{case}-synth", "kind": "labelmap", **common})
+        log.info("[%d/%d] packed %s", i, len(library["cases"]), case)
+    with atomic_output(out_dir / "index.json") as tmp:
+        Path(tmp).write_text(json.dumps(index, indent=1) + "\n")
+    return index
+
+
 def kfold_subjects(subjects: list[str], k: int, seed: int) -> list[list[str]]:
     """Split sorted subject names into ``k`` folds of near-equal size (seeded shuffle)."""
     rng = np.random.default_rng(seed)

@@ -60,6 +60,11 @@ class TrainConfig:
     cv_seed: int = 0
     version: str = "0.1.0"
     init_from: str = ""  # checkpoint to start from; "{fold}" is replaced by the fold number
+    task: str = "wholebrain"  # the manifest's task (how the pipeline finds the model)
+    #: the manifest's input channels (default: one T1w channel); extra channels (e.g. the atlas
+    #: prior) come from the packed cases' ``prior`` arrays
+    input_channels: list = field(default_factory=list)
+    licence: str = "CC BY-NC-SA 3.0 (trained on Mindboggle-101 / OASIS-TRT-20 labels)"
 
     @classmethod
     def from_toml(cls, path: str | Path, **overrides: Any) -> "TrainConfig":
@@ -126,7 +131,7 @@ def load_cases(data_root: Path, folders: list[str], protocol: str) -> list[dict]
                 lut = class_merge_matrix(current, nxt, load_mapping(current.name, dst))[lut]
                 current = nxt
         for entry in index["cases"]:
-            with np.load(root / f"{entry['case']}.npz") as npz:
+            with np.load(root / f"{entry.get('file', entry['case'])}.npz") as npz:
                 classes = npz["cls2"].astype(np.int64)
                 if lut is not None:
                     classes = lut[classes]
@@ -140,6 +145,8 @@ def load_cases(data_root: Path, folders: list[str], protocol: str) -> list[dict]
                 else:
                     case["gen"] = torch.from_numpy(npz["gen2"].astype(np.uint8))
                     case["n_gen"] = int(npz["gen_values"].size)
+                if "prior" in npz.files:  # extra input channels (the atlas prior), never corrupted
+                    case["prior"] = torch.from_numpy(npz["prior"].astype(np.float32))
             case["voxel_size_mm"] = float(index.get("voxel_size_mm", 2.0))
             cases.append(case)
     if len({c["voxel_size_mm"] for c in cases}) > 1:
@@ -285,13 +292,13 @@ def _save_final(model, run_dir: Path, cfg: TrainConfig, protocol, fold, it: int,
     fields = {
         "name": cfg.name if fold is None else f"{cfg.name}-fold{fold}",
         "version": cfg.version,
-        "task": "wholebrain",
+        "task": cfg.task,
         "label_protocol": protocol.as_manifest(),
-        "input_channels": [{"name": "T1w", "normalisation": "percentile99"}],
+        "input_channels": cfg.input_channels or [{"name": "T1w", "normalisation": "percentile99"}],
         "voxel_size_mm": cases[0]["voxel_size_mm"],
         "training": {
             "data": ", ".join(sorted({c["source"] for c in cases})),
-            "licence": "CC BY-NC-SA 3.0 (trained on Mindboggle-101 / OASIS-TRT-20 labels)",
+            "licence": cfg.licence,
             "seed": cfg.seed, "iterations": it, "fold": fold, "cv_folds": cfg.cv_folds,
             "test_subjects": test_subjects, "n_real_cases": n_real, "n_labelmap_cases": n_labelmap,
             "config": cfg.to_dict(),
