@@ -32,6 +32,12 @@ LABEL org.opencontainers.image.title="ArborSeg" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.arborseg.torch-variant="${TORCH_VARIANT}"
 COPY --from=build /opt/arborseg /opt/arborseg
+# Pango, HarfBuzz (font subsetting) and a font for WeasyPrint, which writes the PDF reports
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends \
+        libpango-1.0-0=1.50.12+ds-1 libpangoft2-1.0-0=1.50.12+ds-1 libharfbuzz-subset0=6.0.0+dfsg-3 \
+        fonts-dejavu-core=2.37-6 \
+ && rm -rf /var/lib/apt/lists/*
 # a non-root default user; any other UID works too (docker run --user, Singularity): nothing is written
 # to $HOME, and the working folder is world-writable scratch
 RUN useradd --no-log-init --uid 1000 --user-group --create-home --home-dir /home/arborseg \

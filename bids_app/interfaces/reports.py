@@ -179,3 +179,77 @@ class MapRPT(SimpleInterface):
                  title=self.inputs.title or None, bbox_from=bbox)
         self._results["out_report"] = out
         return runtime
+
+
+class _LobuleMosaicInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="T1w of the cerebellum crop")
+    dseg = File(exists=True, mandatory=True, desc="lobule labels on the crop grid")
+    protocol = Str("lobules", usedefault=True, desc="label protocol of dseg (colours and legend)")
+    fill_alpha = traits.Range(0.0, 1.0, 0.35, usedefault=True, desc="opacity of the fills (0: outlines only)")
+    title = Str("Cerebellar lobules", usedefault=True)
+
+
+class LobuleMosaicRPT(SimpleInterface):
+    """Semi-transparent fills and outlines of the lobules on the crop T1w, with a legend (SVG)."""
+
+    input_spec = _LobuleMosaicInputSpec
+    output_spec = _ReportOutputSpec
+
+    def _run_interface(self, runtime):
+        from ..reports.lobules import plot_lobule_mosaic
+
+        out = os.path.abspath("lobules.svg")
+        plot_lobule_mosaic(_load(self.inputs.in_file), _load(self.inputs.dseg), out, protocol=self.inputs.protocol,
+                           fill_alpha=self.inputs.fill_alpha, title=self.inputs.title or None)
+        self._results["out_report"] = out
+        return runtime
+
+
+class _LobuleRenderInputSpec(BaseInterfaceInputSpec):
+    dseg = File(exists=True, mandatory=True, desc="lobule labels")
+    protocol = Str("lobules", usedefault=True, desc="label protocol of dseg (colours and legend)")
+    title = Str("Cerebellar lobules: surface overview", usedefault=True)
+
+
+class _PNGReportOutputSpec(TraitedSpec):
+    out_report = File(exists=True, desc="the reportlet (PNG)")
+
+
+class LobuleRenderRPT(SimpleInterface):
+    """3D-looking overview of the lobules: their lit surface from four sides (PNG)."""
+
+    input_spec = _LobuleRenderInputSpec
+    output_spec = _PNGReportOutputSpec
+
+    def _run_interface(self, runtime):
+        from ..reports.lobules import plot_lobule_overview
+
+        out = os.path.abspath("lobules_render.png")
+        plot_lobule_overview(_load(self.inputs.dseg), out, protocol=self.inputs.protocol,
+                             title=self.inputs.title or None)
+        self._results["out_report"] = out
+        return runtime
+
+
+class _LobuleVolumesInputSpec(BaseInterfaceInputSpec):
+    morph_tsv = File(exists=True, mandatory=True, desc="_seg-cerebellum_morph.tsv")
+    qc_json = File(exists=True, desc="cerebellum QC JSON (mean CV and flag in the subtitle)")
+    protocol = Str("lobules", usedefault=True, desc="label protocol of the table (colours)")
+    title = Str("Lobule volumes", usedefault=True)
+
+
+class LobuleVolumesRPT(SimpleInterface):
+    """Left/right bars of the lobule volumes with their MC-dropout spread and QC flags (SVG)."""
+
+    input_spec = _LobuleVolumesInputSpec
+    output_spec = _ReportOutputSpec
+
+    def _run_interface(self, runtime):
+        from ..reports.lobules import plot_lobule_volumes
+
+        out = os.path.abspath("lobule_volumes.svg")
+        qc = self.inputs.qc_json if isdefined(self.inputs.qc_json) else None
+        plot_lobule_volumes(self.inputs.morph_tsv, out, qc_json=qc, protocol=self.inputs.protocol,
+                            title=self.inputs.title or None)
+        self._results["out_report"] = out
+        return runtime

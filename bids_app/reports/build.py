@@ -49,7 +49,7 @@ PARCELLATION_CAPTION = ("Outlines of the cortical parcels ({protocol} protocol, 
 def software_versions() -> list[dict[str, str]]:
     names = [("ArborSeg", "arborseg"), ("Nipype", "nipype"), ("ANTsPy", "antspyx"), ("PyBIDS", "pybids"),
              ("NiBabel", "nibabel"), ("NumPy", "numpy"), ("SciPy", "scipy"), ("TemplateFlow", "templateflow"),
-             ("Matplotlib", "matplotlib"), ("Jinja2", "jinja2"), ("PyTorch", "torch")]
+             ("Matplotlib", "matplotlib"), ("Jinja2", "jinja2"), ("WeasyPrint", "weasyprint"), ("PyTorch", "torch")]
     out = [{"name": "Python", "version": platform.python_version()}]
     for label, dist in names:
         try:
@@ -381,6 +381,9 @@ def subject_context(output_dir: Path, record: dict) -> dict:
     parc_section = parcellation_section(output_dir, record)
     if parc_section is not None:
         sections.append(parc_section)
+    lobules = cerebellum_section(output_dir, record)
+    if lobules is not None:
+        sections.append(lobules)
     citation = output_dir / "logs" / "CITATION.md"
     inputs = []
     for item in record.get("inputs", []):
@@ -403,7 +406,50 @@ def subject_context(output_dir: Path, record: dict) -> dict:
     }
 
 
+def cerebellum_section(output_dir: Path, record: dict) -> dict | None:
+    """The "Cerebellar lobules" section (figures, volume table, prior/T2 lines); None when the subject has
+    no cerebellum derivatives (``_seg-cerebellum_dseg``/``_morph.tsv``/``_qc.json``)."""
+    from .lobules import lobule_section
+
+    source = record.get("source_file")
+    if not source:
+        return None
+    try:
+        return lobule_section(output_dir, source, record.get("template") or "MNI152NLin6Asym")
+    except Exception as exc:  # a broken derivative must not cost the user the whole report
+        LOGGER.warning("%s: cerebellar-lobule section left out of the report: %s", record.get("label"), exc)
+        return None
+
+
+def write_cerebellum_pdf(output_dir: Path, record: dict, section: dict) -> Path | None:
+    """The lobule section as ``<label>_seg-cerebellum_report.pdf`` next to the HTML report (None when
+    WeasyPrint is unusable here or the rendering fails: both are logged, the HTML report goes on)."""
+    from .lobules import lobule_pdf_path
+    from .pdf import render_pdf_report
+
+    label = record["label"]
+    context = {
+        "title": f"{label.replace('_', ' ')}: cerebellar lobules", "subject": record.get("subject"),
+        "session": record.get("session"), "version": record.get("version"), "generated": record.get("finished"),
+        "status": record.get("status"), "sections": [section],
+    }
+    try:
+        return render_pdf_report(context, lobule_pdf_path(output_dir, label))
+    except Exception as exc:
+        LOGGER.warning("%s: the cerebellum PDF report could not be written: %s", label, exc)
+        return None
+
+
 def write_subject_report(output_dir: Path, record: dict) -> Path:
+    """``<label>.html`` and, when the subject has cerebellum derivatives, ``<label>_seg-cerebellum_report.pdf``
+    (linked from the lobule section)."""
     from .report import render_subject_report
 
-    return render_subject_report(subject_context(output_dir, record), Path(output_dir) / f"{record['label']}.html")
+    output_dir = Path(output_dir)
+    context = subject_context(output_dir, record)
+    for section in context["sections"]:
+        if section.get("kind") == "lobules":
+            pdf = write_cerebellum_pdf(output_dir, record, section)
+            if pdf is not None:
+                section["downloads"] = [{"path": pdf.name, "label": f"PDF version of this section ({pdf.name})"}]
+    return render_subject_report(context, output_dir / f"{record['label']}.html")

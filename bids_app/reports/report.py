@@ -35,7 +35,7 @@ from ..atomic import atomic_output
 
 LOGGER = logging.getLogger(__name__)
 
-__all__ = ["TEMPLATES_DIR", "render_group_report", "render_subject_report"]
+__all__ = ["TEMPLATES_DIR", "render_group_report", "render_subject_report", "section_view"]
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 
@@ -226,6 +226,40 @@ def _figure(out_dir: Path, fig: Mapping | str) -> dict:
 
 
 # ----------------------------------------------------------------- subject context
+_CSS_COLOR = re.compile(r"^#(?:[0-9a-fA-F]{3}|[0-9a-fA-F]{6}|[0-9a-fA-F]{8})$")
+
+
+def _css_color(value: Any) -> str | None:
+    """A ``#rgb``/``#rrggbb``/``#rrggbbaa`` colour, or None (nothing else reaches a style attribute)."""
+    text = str(value or "").strip()
+    return text if _CSS_COLOR.match(text) else None
+
+
+def section_view(sec: Mapping[str, Any], out_dir: Path, used_ids: set[str]) -> dict:
+    """One report section ready for the templates (figures resolved against ``out_dir``).
+
+    Keys: ``title``, ``description``, ``notes`` (sentences shown as a list), ``reportlets``,
+    ``table``, ``downloads`` (``[{path, label}]`` links, e.g. the section's PDF), ``kind`` and
+    ``qc_flag`` (passed through).
+    """
+    sec_title = str(sec.get("title") or "Figures")
+    downloads = []
+    for item in _list(sec.get("downloads")):
+        if isinstance(item, Mapping) and item.get("path"):
+            downloads.append({"path": _rel(out_dir, item["path"]), "label": str(item.get("label") or item["path"])})
+    return {
+        "id": _slug(sec_title, used_ids),
+        "title": sec_title,
+        "kind": str(sec.get("kind") or ""),
+        "description": sec.get("description") or "",
+        "notes": [str(n) for n in _list(sec.get("notes")) if n],
+        "reportlets": [_figure(out_dir, r) for r in _list(sec.get("reportlets")) if r],
+        "table": _table(sec.get("table")),
+        "downloads": downloads,
+        "qc_flag": str(sec.get("qc_flag") or ""),
+    }
+
+
 def _table(table: Any) -> dict | None:
     """A section table: ``{caption, columns, numeric: [bool], rows: [{cells, flagged}]}`` (cells as text)."""
     if not isinstance(table, Mapping) or not table.get("columns"):
@@ -238,8 +272,9 @@ def _table(table: Any) -> dict | None:
             cells, flagged = _list(row.get("cells")), bool(row.get("flagged"))
         else:
             cells, flagged = _list(row), False
+        color = row.get("color") if isinstance(row, Mapping) else None
         rows.append({"cells": [("" if c is None else (c if isinstance(c, str) else format_value(c))) for c in cells],
-                     "flagged": flagged})
+                     "flagged": flagged, "color": _css_color(color)})
     return {"caption": str(table.get("caption") or ""), "columns": columns, "numeric": numeric[: len(columns)],
             "rows": rows, "n_flagged": sum(r["flagged"] for r in rows)}
 
@@ -280,16 +315,7 @@ def _subject_view(context: Mapping[str, Any], out_dir: Path) -> dict:
     for sec in _list(ctx.get("sections")):
         if not isinstance(sec, Mapping):
             continue
-        sec_title = str(sec.get("title") or "Figures")
-        sections.append(
-            {
-                "id": _slug(sec_title, used_ids),
-                "title": sec_title,
-                "description": sec.get("description") or "",
-                "reportlets": [_figure(out_dir, r) for r in _list(sec.get("reportlets")) if r],
-                "table": _table(sec.get("table")),
-            }
-        )
+        sections.append(section_view(sec, out_dir, used_ids))
 
     runtimes = []
     for item in _list(ctx.get("runtimes")):
@@ -461,8 +487,9 @@ def render_subject_report(context: Mapping[str, Any], out_file: str | os.PathLik
         error: str | None               headline of the failure
         errors: [str]                   crash texts, shown in the Errors section
         inputs: [{path, suffix, shape, voxel_size, orientation, datatype, used, note}]
-        sections: [{title, description?, reportlets: [{path, caption, title?, interactive?}],
-                    table?: {caption, columns, numeric: [bool], rows: [{cells, flagged}]}}]
+        sections: [{title, description?, notes?: [str], downloads?: [{path, label}],
+                    reportlets: [{path, caption, title?, interactive?}],
+                    table?: {caption, columns, numeric: [bool], rows: [{cells, flagged, color?}]}}]
         metrics: [{name, value, unit}]
         runtimes: [{stage, seconds}]
         software: [{name, version}]

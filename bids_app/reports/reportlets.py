@@ -46,6 +46,8 @@ __all__ = [
     "plot_crop_box",
     "plot_group_strip",
     "plot_group_structures",
+    "plot_label_overlay",
+    "plot_label_render",
     "plot_map",
     "plot_mosaic",
     "plot_registration",
@@ -125,7 +127,9 @@ class _Volume:
     def plane(self, arr: np.ndarray, view: str, index: int) -> np.ndarray:
         """2D slice of ``arr`` (same grid as the volume): rows = vertical axis."""
         fixed = _VIEW_AXES[view][0]
-        return np.take(arr, index, axis=fixed).T
+        # basic indexing (a view): np.take along an inner axis copies slowly, which added up to
+        # seconds for label images with many structures (one plane per structure and panel)
+        return arr[(slice(None),) * fixed + (int(index),)].T
 
     def extent(self, view: str) -> tuple[float, float, float, float]:
         _, h, v = _VIEW_AXES[view]
@@ -479,6 +483,10 @@ class _Mosaic:
     crop: list[tuple[float, float]]
     contours: list[_Contour]
     cmap: str = "gray"
+    #: optional label image (same grid as ``vol``) painted as semi-transparent fills, with its
+    #: lookup table ``(sorted label values, RGBA rows)`` from :func:`_label_lut`
+    labels: np.ndarray | None = None
+    label_lut: tuple[np.ndarray, np.ndarray] | None = None
 
     def row_heights(self, width_in: float) -> list[float]:
         n = max(len(c) for c in self.cuts.values())
@@ -529,6 +537,9 @@ class _Mosaic:
                     interpolation="antialiased",
                     aspect="equal",
                 )
+                if self.labels is not None and self.label_lut is not None:
+                    ax.imshow(_paint_labels(self.vol.plane(self.labels, view, idx), *self.label_lut),
+                              origin="lower", extent=extent, interpolation="nearest", aspect="equal")
                 for k, cont in enumerate(self.contours):
                     _draw_contour(
                         ax,
@@ -1181,3 +1192,297 @@ def plot_group_structures(
     if fmt == "png":
         return _write_figure(fig, out_file)
     return _write_figure(fig, out_file, postprocess=post)
+
+
+# ------------------------------------------------------------ label fills and legends
+_LEGEND_ROW_IN = 0.2
+
+
+def _label_lut(colors: Mapping[int, str], values: Iterable[int], default: str,
+               alpha: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """``(sorted nonzero label values, RGBA row per value)`` for :func:`_paint_labels`."""
+    from matplotlib.colors import to_rgba
+
+    vals = np.array(sorted({int(v) for v in values if int(v) != 0}), dtype=np.int64)
+    rgba = np.array([to_rgba(colors.get(int(v)) or default, alpha) for v in vals], dtype=np.float32).reshape(-1, 4)
+    return vals, rgba
+
+
+def _paint_labels(plane: np.ndarray, vals: np.ndarray, rgba: np.ndarray) -> np.ndarray:
+    """RGBA picture of a 2D label plane (transparent where the value is 0 or not in ``vals``)."""
+    out = np.zeros(plane.shape + (rgba.shape[1],), dtype=np.float32)
+    if vals.size == 0:
+        return out
+    p = np.asarray(plane).astype(np.int64)
+    idx = np.clip(np.searchsorted(vals, p), 0, len(vals) - 1)
+    hit = vals[idx] == p
+    out[hit] = rgba[idx[hit]]
+    return out
+
+
+def _legend_columns(n: int, columns: int | None) -> int:
+    return max(1, min(n, int(columns) if columns else 7))
+
+
+def _legend_height(n: int, ncol: int) -> float:
+    return 0.0 if n == 0 else math.ceil(n / ncol) * _LEGEND_ROW_IN + 0.08
+
+
+def _draw_legend(fig, entries: Sequence[tuple[str, str]], top_in: float, fig_h_in: float, ncol: int,
+                 gid: str) -> None:
+    """Colour swatches with names, ``ncol`` per row, starting ``top_in`` below the top edge."""
+    from matplotlib.patches import Patch
+
+    if not entries:
+        return
+    handles = [Patch(facecolor=color, edgecolor=MUTED, linewidth=0.4, label=label) for label, color in entries]
+    leg = fig.legend(handles=handles, loc="upper left",
+                     bbox_to_anchor=(_MARGIN_LEFT_IN / _FIG_WIDTH_IN, 1 - top_in / fig_h_in), ncol=ncol,
+                     frameon=False, fontsize=_FONT, labelcolor=FG, handlelength=1.1, handleheight=0.9,
+                     columnspacing=1.5, labelspacing=0.45, borderaxespad=0.0, borderpad=0.0)
+    leg.set_gid(gid)
+
+
+def _legend_entries(legend: Iterable[Sequence[Any]]) -> list[tuple[str, str]]:
+    out = []
+    for i, item in enumerate(legend or ()):
+        if len(item) != 2:
+            raise ValueError(f"legend entry #{i}: expected (label, color), got {item!r}")
+        out.append((str(item[0]), str(item[1])))
+    return out
+
+
+def plot_label_overlay(
+    image: Any,
+    dseg: Any,
+    out_file: str | os.PathLike,
+    *,
+    colors: Mapping[int, str],
+    legend: Sequence[tuple[str, str]] = (),
+    legend_columns: int | None = None,
+    fill_alpha: float = 0.35,
+    outline: bool = True,
+    n_cuts: int = 6,
+    views: Sequence[str] = VIEWS,
+    title: str | None = None,
+    bbox_from: Any = None,
+    default_color: str = "#ffd60a",
+    footer: str | None = None,
+) -> Path:
+    """Semi-transparent fills (``fill_alpha``; 0 for none) and outlines of every label of ``dseg`` on
+    ``image``, with a legend of colour swatches under the title.
+
+    ``colors`` maps label values to colours (values without one use ``default_color``);
+    ``legend`` is ``[(name, color), ...]`` shown as given (e.g. one entry for a left/right pair
+    that shares a colour). The label image is resampled (nearest neighbour) onto the image grid
+    when the grids differ; the slices span the bounding box of ``bbox_from`` or, without it, of
+    the labelled voxels.
+    """
+    out_file = Path(out_file)
+    _fmt(out_file)
+    if not 0.0 <= float(fill_alpha) <= 1.0:
+        raise ValueError(f"fill_alpha must be within [0, 1], got {fill_alpha!r}")
+    entries = _legend_entries(legend)
+    vol = _volume(image)
+    labels = np.rint(_on_grid(dseg, vol, order=0)).astype(np.int32)
+    values = [int(v) for v in np.unique(labels) if v != 0]
+    if not values:
+        LOGGER.warning("plot_label_overlay: the label image is empty")
+    conts = ([_Contour(data=labels, level=0.5, color=str(colors.get(v) or default_color), label=None,
+                       linewidth=0.6, value=v) for v in values] if outline else [])
+    bbox_data = _on_grid(bbox_from, vol, order=0) if bbox_from is not None else (labels > 0).astype(np.float32)
+    mosaic = _make_mosaic(vol, n_cuts=n_cuts, views=views, contours=conts, bbox_data=bbox_data)
+    if fill_alpha > 0 and values:
+        mosaic.labels = labels
+        mosaic.label_lut = _label_lut(colors, values, default_color, float(fill_alpha))
+    ncol = _legend_columns(len(entries), legend_columns)
+    head = _TITLE_IN if title else 0.08
+    top = head + _legend_height(len(entries), ncol)
+    fig_h = top + mosaic.height(_FIG_WIDTH_IN) + _FOOTER_IN
+    fig = _new_figure(_FIG_WIDTH_IN, fig_h)
+    _header(fig, fig_h, title, [])
+    _draw_legend(fig, entries, head, fig_h, ncol, gid="overlay-legend")
+    mosaic.draw(fig, top, fig_h, _FIG_WIDTH_IN, gid="mosaic")
+    _footer(fig, fig_h, footer or "Neurological convention: L = subject's left")
+    return _write_figure(fig, out_file)
+
+
+# ----------------------------------------------------------------- surface rendering
+#: view -> (depth axis, seen from its positive end, horizontal axis, flip it, vertical axis, letters
+#: (left, right) of the picture). The viewer looks along the depth axis; "superior"/"inferior"
+#: pictures have anterior up, the others superior up.
+RENDER_VIEWS: dict[str, tuple[int, bool, int, bool, int, tuple[str, str]]] = {
+    "posterior": (1, False, 0, False, 2, ("L", "R")),
+    "anterior": (1, True, 0, True, 2, ("R", "L")),
+    "superior": (2, True, 0, False, 1, ("L", "R")),
+    "inferior": (2, False, 0, True, 1, ("R", "L")),
+    "left": (0, False, 1, True, 2, ("A", "P")),
+    "right": (0, True, 1, False, 2, ("P", "A")),
+}
+_LIGHT = np.array([-0.45, 0.55, 0.70]) / np.linalg.norm([-0.45, 0.55, 0.70])
+
+
+def render_labels(
+    labels: np.ndarray,
+    zooms: Sequence[float],
+    view: str,
+    colors: Mapping[int, str],
+    *,
+    default_color: str = "#ffd60a",
+) -> tuple[np.ndarray, tuple[float, float]]:
+    """A lit picture of the outer surface of a label volume (RAS voxel order) seen from ``view``.
+
+    Ray casting along one voxel axis gives, for every pixel, the first labelled voxel (its label
+    colours the pixel) and its depth; the depth map, lightly smoothed, gives surface normals for
+    Lambert shading with a specular highlight from the upper left, a depth cue darkens farther
+    surfaces, and pixels where the depth jumps (silhouettes) or the label changes are darkened so
+    that the structures' boundaries read as lines. Returns an RGBA float image (rows = vertical
+    axis from the bottom, transparent background) and its (width, height) in mm.
+    """
+    from scipy import ndimage
+
+    if view not in RENDER_VIEWS:
+        raise ValueError(f"unknown view {view!r}; expected one of {tuple(RENDER_VIEWS)}")
+    depth_axis, from_pos, h_axis, flip_h, v_axis, _ = RENDER_VIEWS[view]
+    labels = np.asarray(labels)
+    if labels.ndim != 3:
+        raise ValueError(f"expected a 3D label array, got shape {labels.shape}")
+    lab = np.moveaxis(labels, depth_axis, 0)
+    if from_pos:
+        lab = lab[::-1]
+    mask = lab > 0
+    hit = mask.any(axis=0)
+    first = np.argmax(mask, axis=0)
+    surf = np.take_along_axis(lab, first[None], axis=0)[0].astype(np.int64)
+    depth = first.astype(np.float64) * float(zooms[depth_axis])
+    rest = [a for a in range(3) if a != depth_axis]
+    if rest != [v_axis, h_axis]:  # 2D arrays are indexed [rest[0], rest[1]]; want [vertical, horizontal]
+        hit, surf, depth = hit.T, surf.T, depth.T
+    if flip_h:
+        hit, surf, depth = hit[:, ::-1], surf[:, ::-1], depth[:, ::-1]
+    zv, zh = float(zooms[v_axis]), float(zooms[h_axis])
+    out = np.zeros(hit.shape + (4,), dtype=np.float32)
+    if not hit.any():
+        return out, (hit.shape[1] * zh, hit.shape[0] * zv)
+    # surface height towards the viewer, smoothed inside the silhouette (normalised convolution)
+    height = np.where(hit, -depth, 0.0)
+    sigma = (0.9 / zv, 0.9 / zh)
+    num = ndimage.gaussian_filter(height, sigma)
+    den = ndimage.gaussian_filter(hit.astype(np.float64), sigma)
+    smooth = np.where(den > 1e-3, num / np.maximum(den, 1e-3), 0.0)
+    gy, gx = np.gradient(smooth, zv, zh)
+    norm = np.sqrt(gx**2 + gy**2 + 1.0)
+    normal = np.stack([-gx / norm, -gy / norm, 1.0 / norm], axis=-1)
+    diffuse = np.clip(normal @ _LIGHT, 0.0, 1.0)
+    half = _LIGHT + np.array([0.0, 0.0, 1.0])
+    half /= np.linalg.norm(half)
+    specular = 0.22 * np.clip(normal @ half, 0.0, 1.0) ** 24
+    d_hit = depth[hit]
+    span = float(d_hit.max() - d_hit.min()) or 1.0
+    fog = 1.0 - 0.4 * (depth - float(d_hit.min())) / span
+    shade = (0.28 + 0.72 * diffuse) * fog
+    # boundaries: depth jumps (silhouettes, folds) and label changes between 4-neighbours
+    jump = np.zeros_like(hit)
+    change = np.zeros_like(hit)
+    for axis in (0, 1):
+        for shift in (1, -1):
+            d_n = np.roll(depth, shift, axis=axis)
+            s_n = np.roll(surf, shift, axis=axis)
+            h_n = np.roll(hit, shift, axis=axis)
+            jump |= ~h_n | (d_n - depth > 2.5 * max(zv, zh))
+            change |= h_n & (s_n != surf) & (s_n < surf)
+    shade = np.where(jump, shade * 0.5, np.where(change, shade * 0.72, shade))
+    vals, rgba = _label_lut(colors, np.unique(surf[hit]), default_color)
+    base = _paint_labels(np.where(hit, surf, 0), vals, rgba)[..., :3]
+    rgb = np.clip(base * shade[..., None] + specular[..., None], 0.0, 1.0)
+    out[..., :3] = np.where(hit[..., None], rgb, 0.0)
+    out[..., 3] = hit
+    return out, (hit.shape[1] * zh, hit.shape[0] * zv)
+
+
+def plot_label_render(
+    dseg: Any,
+    out_file: str | os.PathLike,
+    *,
+    colors: Mapping[int, str],
+    views: Sequence[str] = ("posterior", "superior", "inferior", "left"),
+    legend: Sequence[tuple[str, str]] = (),
+    legend_columns: int | None = None,
+    columns: int = 2,
+    title: str | None = None,
+    default_color: str = "#ffd60a",
+    footer: str | None = None,
+) -> Path:
+    """A 3D-looking overview of a label image: its lit outer surface seen from several ``views``
+    (:data:`RENDER_VIEWS`), ``columns`` pictures per row, with a legend of colour swatches.
+
+    Pure numpy/scipy ray casting (:func:`render_labels`), no mesh and no OpenGL: fast (well under a
+    second for a 128 x 88 x 88 crop) and deterministic. The pictures are cropped to the labelled
+    voxels; each carries its view name and orientation letters.
+    """
+    out_file = Path(out_file)
+    _fmt(out_file)
+    views = tuple(views)
+    if not views:
+        raise ValueError("at least one view is needed")
+    for view in views:
+        if view not in RENDER_VIEWS:
+            raise ValueError(f"unknown view {view!r}; expected some of {tuple(RENDER_VIEWS)}")
+    entries = _legend_entries(legend)
+    vol = _volume(dseg)
+    labels = np.rint(vol.data).astype(np.int32)
+    box = _bbox(labels > 0)
+    if box is None:
+        LOGGER.warning("plot_label_render: the label image is empty")
+        box = [(0, n - 1) for n in labels.shape]
+    pad = 2
+    sl = tuple(slice(max(0, lo - pad), min(n, hi + pad + 1)) for (lo, hi), n in zip(box, labels.shape))
+    labels = labels[sl]
+    pictures = [render_labels(labels, vol.zooms, view, colors, default_color=default_color) for view in views]
+
+    columns = max(1, min(int(columns), len(views)))
+    n_rows = math.ceil(len(views) / columns)
+    gap, label_h = 0.12, 0.22
+    col_w = (_FIG_WIDTH_IN - _MARGIN_LEFT_IN - _MARGIN_RIGHT_IN - gap * (columns - 1)) / columns
+    max_h = 3.6
+    sizes = []  # (width, height) in inches of each picture
+    for _, (w_mm, h_mm) in pictures:
+        scale = min(col_w / w_mm, max_h / h_mm)
+        sizes.append((w_mm * scale, h_mm * scale))
+    row_h = [max(sizes[i][1] for i in range(r * columns, min(len(views), (r + 1) * columns))) for r in range(n_rows)]
+    ncol = _legend_columns(len(entries), legend_columns)
+    head = _TITLE_IN if title else 0.08
+    top = head + _legend_height(len(entries), ncol)
+    fig_h = top + sum(h + label_h for h in row_h) + gap * (n_rows - 1) + _FOOTER_IN
+    fig = _new_figure(_FIG_WIDTH_IN, fig_h)
+    _header(fig, fig_h, title, [], gid="render-header")
+    _draw_legend(fig, entries, head, fig_h, ncol, gid="render-legend")
+    y = top
+    for r in range(n_rows):
+        for c in range(columns):
+            i = r * columns + c
+            if i >= len(views):
+                break
+            view = views[i]
+            (img, (w_mm, h_mm)), (w_in, h_in) = pictures[i], sizes[i]
+            x0 = _MARGIN_LEFT_IN + c * (col_w + gap) + (col_w - w_in) / 2
+            bottom = fig_h - y - label_h - row_h[r] + (row_h[r] - h_in) / 2
+            ax = fig.add_axes((x0 / _FIG_WIDTH_IN, bottom / fig_h, w_in / _FIG_WIDTH_IN, h_in / fig_h))
+            ax.set_gid(f"render-{view}")
+            _style_axes(ax)
+            ax.imshow(img, origin="lower", extent=(0, w_mm, 0, h_mm), interpolation="bilinear", aspect="equal")
+            ax.set_xlim(0, w_mm)
+            ax.set_ylim(0, h_mm)
+            if not img[..., 3].any():
+                ax.text(0.5, 0.5, "no labelled voxels", transform=ax.transAxes, ha="center", va="center",
+                        color=MUTED, fontsize=_FONT + 1)
+            fig.text((_MARGIN_LEFT_IN + c * (col_w + gap)) / _FIG_WIDTH_IN, 1 - (y + 0.03) / fig_h,
+                     f"{view} view", ha="left", va="top", color=FG, fontsize=_FONT + 1, gid=f"render-title-{view}")
+            neg, pos = RENDER_VIEWS[view][5]
+            for x, letter, ha in ((0.01, neg, "left"), (0.99, pos, "right")):
+                ax.text(x, 0.5, letter, transform=ax.transAxes, color=FG, fontsize=_FONT, fontweight="bold",
+                        ha=ha, va="center", bbox=_label_box())
+        y += label_h + row_h[r] + gap
+    _footer(fig, fig_h, footer or "Surface rendering (ray casting, Lambert shading): not a slice. "
+            "Letters: L/R subject's left/right, A/P anterior/posterior")
+    return _write_figure(fig, out_file)
