@@ -80,6 +80,47 @@ def _parcellation_default() -> SegmentationConfig:
 
 
 @dataclass(frozen=True)
+class CerebellumConfig:
+    """The cerebellum branch (README "Cerebellar lobules"): the hemisphere -> lobule cascade ensemble on the
+    template-space crop, with the atlas prior when a library is given."""
+
+    #: False with ``--no-cerebellum``
+    enabled: bool = True
+    #: manifests of net 1 (``task: cerebellum-hemispheres``) and of the chosen net 2 (``cerebellum-lobules``)
+    hemisphere_checkpoints: tuple[Path, ...] = ()
+    lobule_checkpoints: tuple[Path, ...] = ()
+    #: ``"--cerebellum-models"`` or ``"installed"``
+    origin: str = "installed"
+    #: the labelled cerebellum library (``--library-dir`` / ``$ARBORSEG_LIBRARY_DIR``)
+    library_dir: Path | None = None
+    #: whether the atlas prior is computed and given to the lobule models
+    use_prior: bool = False
+    #: why it is not (recorded in the QC JSON as ``atlas_prior.reason``)
+    prior_reason: str = ""
+    #: atlases fused into the prior (``--n-atlases``; None: the atlas fusion's default)
+    n_atlases: int | None = None
+    #: Monte-Carlo dropout samples of each network of the cascade
+    mc_samples: int = 15
+    #: why the branch is skipped although switched on (no or incomplete installed models)
+    missing: str = ""
+
+    @property
+    def active(self) -> bool:
+        """True when the branch runs: switched on, and hemisphere and lobule models."""
+        return self.enabled and bool(self.hemisphere_checkpoints) and bool(self.lobule_checkpoints)
+
+    @property
+    def reason(self) -> str:
+        """Why the branch does not run ("" when it does)."""
+        if not self.enabled:
+            return "switched off with --no-cerebellum"
+        if not self.active:
+            return self.missing or ("no cerebellum models are installed (bids_app/data/models/ or "
+                                    "$ARBORSEG_MODELS_DIR); pass --cerebellum-models to use your own")
+        return ""
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything one invocation of ``arborseg`` decided, resolved to absolute paths."""
 
@@ -115,6 +156,8 @@ class RunConfig:
     segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
     #: the cortical parcellation branch (``task="parcellation"``)
     parcellation: SegmentationConfig = field(default_factory=_parcellation_default)
+    #: the cerebellum branch
+    cerebellum: CerebellumConfig = field(default_factory=CerebellumConfig)
     version: str = ""
     command: str = ""
     run_uuid: str = ""
@@ -140,5 +183,6 @@ class RunConfig:
         preproc = data.pop("preproc")
         segmentation = data.pop("segmentation")
         parcellation = data.pop("parcellation")
+        cerebellum = data.pop("cerebellum")
         return tomli_w.dumps({"arborseg": data, "preproc": preproc, "segmentation": segmentation,
-                              "parcellation": parcellation})
+                              "parcellation": parcellation, "cerebellum": cerebellum})

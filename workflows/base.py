@@ -8,7 +8,7 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
 from bids_app.bids import AnatInputs, raw_uri
-from bids_app.config import PreprocConfig, SegmentationConfig
+from bids_app.config import CerebellumConfig, PreprocConfig, SegmentationConfig
 from bids_app.core.crop import CEREBELLUM_BOX_MM
 from bids_app.resources import TemplateFiles
 
@@ -28,13 +28,15 @@ from .segment import (
 def init_single_subject_wf(*, inputs: AnatInputs, bids_dir: Path, output_dir: Path, template: TemplateFiles,
                            preproc: PreprocConfig, omp_nthreads: int = 1, random_seed: int = 42,
                            segmentation: SegmentationConfig | None = None,
-                           parcellation: SegmentationConfig | None = None, device: str = "auto",
+                           parcellation: SegmentationConfig | None = None,
+                           cerebellum: CerebellumConfig | None = None, device: str = "auto",
                            name: str | None = None):
     """Preprocessing, derivatives and reportlets of one subject (and session).
 
     The segmentation branches connect to ``anat_preproc_wf.outputnode``; the whole-brain branch
     is added when ``segmentation.active`` and the cortical parcellation branch when
     ``parcellation.active`` (models available and not switched off). Both read the same inputs.
+    The cerebellum branch (``cerebellum.active``) reads the cerebellum crop and the transforms.
     """
     if inputs.t1w is None:
         raise ValueError(f"{inputs.label}: no T1w image")
@@ -68,6 +70,10 @@ def init_single_subject_wf(*, inputs: AnatInputs, bids_dir: Path, output_dir: Pa
         _add_parcellation(wf, inputnode, anat_preproc_wf, inputs=inputs, bids_dir=bids_dir, output_dir=output_dir,
                           parcellation=parcellation, omp_nthreads=omp_nthreads, random_seed=random_seed,
                           device=device)
+    if cerebellum is not None and cerebellum.active:
+        _add_cerebellum(wf, inputnode, anat_preproc_wf, inputs=inputs, bids_dir=bids_dir, output_dir=output_dir,
+                        template=template.name, cerebellum=cerebellum, omp_nthreads=omp_nthreads,
+                        random_seed=random_seed, device=device)
     return wf
 
 
@@ -124,10 +130,58 @@ def _add_parcellation(wf, inputnode, anat_preproc_wf, *, inputs: AnatInputs, bid
     ])
 
 
+def _add_cerebellum(wf, inputnode, anat_preproc_wf, *, inputs: AnatInputs, bids_dir: Path, output_dir: Path,
+                    template: str, cerebellum: CerebellumConfig, omp_nthreads: int, random_seed: int,
+                    device: str) -> None:
+    """The cerebellum branch: cascade on the crop (+ atlas prior), derivatives, and reportlets when available."""
+    from .cerebellum import (
+        CEREBELLUM_DERIVATIVES,
+        REPORTS_MODULE,
+        cerebellum_model_names,
+        init_cerebellum_derivatives_wf,
+        init_cerebellum_wf,
+        module_available,
+    )
+
+    source_file = str(inputs.t1w)
+    hemis = [str(c) for c in cerebellum.hemisphere_checkpoints]
+    lobes = [str(c) for c in cerebellum.lobule_checkpoints]
+    cer_wf = init_cerebellum_wf(
+        hemisphere_checkpoints=hemis, lobule_checkpoints=lobes, mc_samples=cerebellum.mc_samples, seed=random_seed,
+        omp_nthreads=omp_nthreads, device=device, use_prior=cerebellum.use_prior,
+        library_dir=str(cerebellum.library_dir) if cerebellum.library_dir else None, n_atlases=cerebellum.n_atlases,
+        prior_reason=cerebellum.prior_reason)
+    cer_derivatives_wf = init_cerebellum_derivatives_wf(
+        output_dir=str(output_dir), source_file=source_file, source_uri=raw_uri(inputs.t1w, bids_dir),
+        template=template, models=cerebellum_model_names(hemis, lobes), mc_samples=cerebellum.mc_samples,
+        prior_used=cerebellum.use_prior)
+    fields = list(CEREBELLUM_DERIVATIVES) + (["prior_crop"] if cerebellum.use_prior else [])
+    wf.connect([
+        (inputnode, cer_wf, [("t1w", "inputnode.source_file")]),
+        (anat_preproc_wf, cer_wf, [("outputnode.cerebellum_crop", "inputnode.cerebellum_crop"),
+                                   ("outputnode.inverse_transform", "inputnode.inverse_transform"),
+                                   ("outputnode.icv_ml", "inputnode.icv_ml")]),
+        (cer_wf, cer_derivatives_wf, [(f"outputnode.{f}", f"inputnode.{f}") for f in fields]),
+    ])
+    if module_available(REPORTS_MODULE):
+        from .cerebellum_reports import init_cerebellum_reports_wf
+
+        cer_reports_wf = init_cerebellum_reports_wf(output_dir=str(output_dir), source_file=source_file,
+                                                    template=template, name="cerebellum_reports_wf")
+        wf.connect([
+            (anat_preproc_wf, cer_reports_wf, [("outputnode.cerebellum_crop", "inputnode.t1w_crop")]),
+            (cer_wf, cer_reports_wf, [("outputnode.dseg_crop", "inputnode.dseg_crop"),
+                                      ("outputnode.entropy_crop", "inputnode.uncertainty"),
+                                      ("outputnode.morph", "inputnode.morph_tsv"),
+                                      ("outputnode.qc_json", "inputnode.qc_json")]),
+        ])
+
+
 def init_arborseg_wf(*, subjects: list[AnatInputs], bids_dir: Path, output_dir: Path, work_dir: Path,
                      template: TemplateFiles, preproc: PreprocConfig, omp_nthreads: int = 1,
                      random_seed: int = 42, segmentation: SegmentationConfig | None = None,
-                     parcellation: SegmentationConfig | None = None, device: str = "auto",
+                     parcellation: SegmentationConfig | None = None,
+                     cerebellum: CerebellumConfig | None = None, device: str = "auto",
                      name: str = "arborseg_wf"):
     """All selected subjects/sessions side by side, cached under ``work_dir``."""
     wf = pe.Workflow(name=name, base_dir=str(work_dir))
@@ -135,5 +189,6 @@ def init_arborseg_wf(*, subjects: list[AnatInputs], bids_dir: Path, output_dir: 
         wf.add_nodes([init_single_subject_wf(inputs=inputs, bids_dir=bids_dir, output_dir=output_dir,
                                              template=template, preproc=preproc, omp_nthreads=omp_nthreads,
                                              random_seed=random_seed, segmentation=segmentation,
-                                             parcellation=parcellation, device=device)])
+                                             parcellation=parcellation, cerebellum=cerebellum,
+                                             device=device)])
     return wf

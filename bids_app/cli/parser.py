@@ -233,8 +233,8 @@ def get_parser() -> argparse.ArgumentParser:
     choice.add_argument("--no-seg", action="store_true",
                         help="do not run the whole-brain segmentation nor the cortical parcellation")
     seg.add_argument("--mc-samples", type=_positive_int, default=15, metavar="N",
-                     help="Monte-Carlo dropout samples per subject for the segmentation and parcellation QC "
-                          "(default 15)")
+                     help="Monte-Carlo dropout samples per subject for the segmentation, parcellation and "
+                          "cerebellum QC (default 15)")
 
     parc = parser.add_argument_group("cortical parcellation")
     parc_choice = parc.add_mutually_exclusive_group()
@@ -243,6 +243,23 @@ def get_parser() -> argparse.ArgumentParser:
                                   "writes the seg-dkt outputs); default: the installed models whose manifest has "
                                   "\"task\": \"parcellation\"")
     parc_choice.add_argument("--no-parc", action="store_true", help="do not run the cortical parcellation")
+
+    cer = parser.add_argument_group("cerebellar lobules")
+    cer_choice = cer.add_mutually_exclusive_group()
+    cer_choice.add_argument("--cerebellum-models", nargs="+", type=Path, metavar="PATH",
+                            help="model checkpoints of the cerebellum cascade: hemisphere models (\"task\": "
+                                 "\"cerebellum-hemispheres\") and lobule models (\"task\": \"cerebellum-lobules\"), "
+                                 "at least one of each; default: the installed models with those tasks (the branch "
+                                 "is skipped with a warning when there are none)")
+    cer_choice.add_argument("--no-cerebellum", action="store_true",
+                            help="do not segment the cerebellar lobules")
+    cer.add_argument("--library-dir", type=Path, metavar="DIR", default=env_path("ARBORSEG_LIBRARY_DIR"),
+                     help="labelled cerebellum library (made by arborseg-build-library): its atlases are registered "
+                          "and fused into a prior that the lobule models take as extra channels (default: "
+                          "$ARBORSEG_LIBRARY_DIR; without a library the lobule models without prior channels are "
+                          "used)")
+    cer.add_argument("--n-atlases", type=_positive_int, metavar="N", default=None,
+                     help="atlases of the library fused into the prior (default: the atlas fusion's own default)")
 
     other = parser.add_argument_group("other")
     other.add_argument("-v", "--verbose", action="count", default=0,

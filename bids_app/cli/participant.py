@@ -166,6 +166,17 @@ def run_participant(config: RunConfig, *, clean_workdir: bool = False) -> int:
                     len(parc.checkpoints), parc.origin, parc.protocol, parc.mc_samples, config.device)
     elif parc.enabled:
         LOGGER.info("cortical parcellation not run: %s", parc.reason)
+    cer = config.cerebellum
+    if cer.active:
+        LOGGER.info("cerebellar lobules: %d hemisphere + %d lobule model(s) (%s), %d MC-dropout samples, device %s",
+                    len(cer.hemisphere_checkpoints), len(cer.lobule_checkpoints), cer.origin, cer.mc_samples,
+                    config.device)
+        if cer.use_prior:
+            LOGGER.info("cerebellar lobules: atlas prior from the library %s", cer.library_dir)
+        else:
+            LOGGER.info("cerebellar lobules without the atlas prior: %s", cer.prior_reason)
+    elif cer.enabled:
+        LOGGER.warning("cerebellar lobules skipped: %s", cer.reason)
     write_citation(config, versions)
     for run in runs.values():
         preflight(run)
@@ -220,7 +231,7 @@ def _execute(config: RunConfig, template, runs: dict[str, SubjectRun], ready: li
                           work_dir=config.work_dir, template=template, preproc=config.preproc,
                           omp_nthreads=config.omp_nthreads, random_seed=config.random_seed,
                           segmentation=config.segmentation, parcellation=config.parcellation,
-                          device=config.device)
+                          cerebellum=config.cerebellum, device=config.device)
     wf.config["execution"].update({"crashdump_dir": str(crash_dir), "crashfile_format": "txt",
                                    "stop_on_first_crash": config.stop_on_first_crash,
                                    "poll_sleep_duration": 0.2})
@@ -444,6 +455,8 @@ def _check_outputs(config: RunConfig, run: SubjectRun) -> None:
     if config.parcellation.active:
         required.append(dict(ents, segmentation=seg_entity(config.parcellation.protocol), suffix="qc",
                              extension=".json"))
+    if config.cerebellum.active:
+        required.append(dict(ents, segmentation="cerebellum", suffix="qc", extension=".json"))
     if all((config.output_dir / derivative_path(e)).is_file() for e in required):
         run.status = "success"
     else:

@@ -37,7 +37,7 @@ def _inside(path: Path, folder: Path) -> bool:
 def build_config(opts, argv: list[str]):
     """Resolve the parsed options into a frozen :class:`RunConfig`; refuse unsafe locations."""
     from ..bids import load_bids_filters, strip_prefix
-    from ..config import PreprocConfig, RunConfig, SegmentationConfig
+    from ..config import CerebellumConfig, PreprocConfig, RunConfig, SegmentationConfig
 
     bids_dir = opts.bids_dir.expanduser().resolve()
     output_dir = opts.output_dir.expanduser().resolve()
@@ -64,11 +64,13 @@ def build_config(opts, argv: list[str]):
         segmentation = segmentation_config(opts)
         parcellation = parcellation_config(opts)
         _check_no_collision(segmentation, parcellation)
+        cerebellum = cerebellum_config(opts)
     else:
         segmentation = SegmentationConfig(enabled=not opts.no_seg, mc_samples=opts.mc_samples)
         parcellation = SegmentationConfig(enabled=not (opts.no_seg or opts.no_parc), mc_samples=opts.mc_samples,
                                           task="parcellation",
                                           switched_off_by="--no-seg" if opts.no_seg else "--no-parc")
+        cerebellum = CerebellumConfig(enabled=not opts.no_cerebellum, mc_samples=opts.mc_samples)
     return RunConfig(
         bids_dir=bids_dir, output_dir=output_dir, analysis_level=opts.analysis_level, work_dir=work_dir,
         participant_label=strip_prefix(opts.participant_label, "sub-"),
@@ -82,7 +84,7 @@ def build_config(opts, argv: list[str]):
         cache_dir=(opts.cache_dir or work_dir / "cache").expanduser().resolve(), offline=opts.offline,
         plugin=opts.plugin, plugin_args=dict(opts.plugin_args or {}), umask=opts.umask,
         verbosity=opts.verbose, preproc=preproc, segmentation=segmentation,
-        parcellation=parcellation, version=__version__,
+        parcellation=parcellation, cerebellum=cerebellum, version=__version__,
         command=" ".join(shlex.quote(a) for a in ["arborseg", *argv]), run_uuid=_run_id(),
     ), opts.clean_workdir
 
@@ -131,6 +133,56 @@ def parcellation_config(opts):
     manifests, protocol = validate_parcellation_checkpoints(paths)
     return SegmentationConfig(enabled=True, checkpoints=tuple(manifests), origin=origin, protocol=protocol,
                               mc_samples=opts.mc_samples, task=PARCELLATION_TASK)
+
+
+def cerebellum_config(opts):
+    """The cerebellum branch: ``--no-cerebellum``, ``--cerebellum-models`` (checked now) or the installed models
+    whose manifest task is ``cerebellum-hemispheres``/``cerebellum-lobules``; the atlas prior when a library is
+    given (``--library-dir``/``$ARBORSEG_LIBRARY_DIR``, checked now).
+
+    Installed models missing (or only one of the two tasks): the branch is skipped with a warning. A checkpoint
+    or a library that cannot be used, or lobule models that all need a prior without a library, is an error
+    (exit code 4) before any work. No torch is imported here.
+    """
+    from ..config import CerebellumConfig
+    from ..models.cascade import CEREBELLUM_TASKS, default_cerebellum_models, installed_tasks, select_cerebellum_models
+
+    library = opts.library_dir.expanduser().resolve() if opts.library_dir else None
+    common = {"mc_samples": opts.mc_samples, "n_atlases": opts.n_atlases, "library_dir": library}
+    if opts.no_cerebellum:
+        return CerebellumConfig(enabled=False, **common)
+    if opts.cerebellum_models:
+        paths, origin = list(opts.cerebellum_models), "--cerebellum-models"
+    else:
+        paths, origin = default_cerebellum_models(), "installed"
+        missing = [task for task in CEREBELLUM_TASKS if task not in installed_tasks(paths)]
+        if missing:
+            why = "" if len(missing) == len(CEREBELLUM_TASKS) else (
+                f"no installed cerebellum model has the task {' nor '.join(missing)} (bids_app/data/models/ or "
+                "$ARBORSEG_MODELS_DIR); pass --cerebellum-models to use your own")
+            return CerebellumConfig(enabled=True, missing=why, **common)
+    prior_available, reason = _library_status(library, opts.template)
+    models = select_cerebellum_models(paths, prior_available=prior_available, prior_reason=reason)
+    return CerebellumConfig(enabled=True, hemisphere_checkpoints=models.hemispheres,
+                            lobule_checkpoints=models.lobules, origin=origin, use_prior=models.prior,
+                            prior_reason=models.reason, **common)
+
+
+def _library_status(library, template: str) -> tuple[bool, str]:
+    """``(prior available, why not)``; a library that cannot be used is an error (exit code 4) naming the file."""
+    import importlib.util
+
+    if library is None:
+        return False, "no cerebellum library given (--library-dir or $ARBORSEG_LIBRARY_DIR)"
+    if any(importlib.util.find_spec(m) is None for m in ("bids_app.interfaces.atlas", "bids_app.atlas_library")):
+        return False, "the atlas fusion (bids_app.interfaces.atlas) is not available in this ArborSeg build"
+    from ..atlas_library import LIBRARY_SPACE, read_library
+
+    read_library(library)  # LibraryError (exit code 4): the file and the problem
+    if template != LIBRARY_SPACE:
+        return False, (f"the library {library} is in {LIBRARY_SPACE} space and this run's template is {template}: "
+                       f"the crops do not share a grid")
+    return True, ""
 
 
 def _check_no_collision(segmentation, parcellation) -> None:

@@ -109,7 +109,8 @@ def test_the_environment_does_not_leak_into_the_descriptor(monkeypatch, tmp_path
     tool = _tool()
     clean = tool.build_descriptor()
     for name, value in {"ARBORSEG_OFFLINE": "1", "ARBORSEG_UMASK": "0077", "TEMPLATEFLOW_HOME": str(tmp_path),
-                        "ARBORSEG_ATLAS_DIR": str(tmp_path), "ARBORSEG_CACHE_DIR": str(tmp_path)}.items():
+                        "ARBORSEG_ATLAS_DIR": str(tmp_path), "ARBORSEG_CACHE_DIR": str(tmp_path),
+                        "ARBORSEG_LIBRARY_DIR": str(tmp_path)}.items():
         monkeypatch.setenv(name, value)
     monkeypatch.chdir(tmp_path)
     assert tool.build_descriptor() == clean
