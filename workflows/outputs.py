@@ -54,7 +54,7 @@ def init_anat_derivatives_wf(*, output_dir: str, source_file: str, source_uri: s
                   [preproc_uri], {"Type": "affine", "Software": "ANTs", "Format": "ITK MatlabTransformIO"})
     ds_tpl = sink("ds_t1w_template", {"space": template, "desc": "preproc", "suffix": "T1w"}, [preproc_uri, xfm_uri])
     ds_crop = sink("ds_cerebellum_crop", {"space": template, "desc": "cerebellum", "suffix": "T1w"}, [template_uri],
-                   {"Description": "Cerebellum region cropped from the template-space T1w",
+                   {"Description": "Cerebellum region cropped from the template-space T1w, zero outside the intracranial mask",
                     "CropBoxMM": [list(b) for b in box_mm]})
 
     icv_meta = pe.Node(niu.Function(function=_meta, input_names=["volume_ml", "ncc", "extra"],

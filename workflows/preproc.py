@@ -137,16 +137,31 @@ def init_template_resampling_wf(*, template_reference: str, template_mask: str, 
     return wf
 
 
-def init_cerebellum_crop_wf(*, box_mm=CEREBELLUM_BOX_MM, name: str = "cerebellum_crop_wf"):
-    """The cerebellum box cut out of the template-space T1w: the input of the cerebellum branch."""
+def init_cerebellum_crop_wf(*, box_mm=CEREBELLUM_BOX_MM, template_reference: str | None = None,
+                            omp_nthreads: int = 1, name: str = "cerebellum_crop_wf"):
+    """The cerebellum box cut out of the template-space T1w: the input of the cerebellum branch.
+
+    With ``template_reference``, the intracranial mask (``mask_file``, native space) is carried to
+    the template through ``forward_transform`` and everything outside it is zeroed, so that the
+    branch sees the brain as its networks and library saw it (skull-stripped), whatever the head
+    coverage of the scan.
+    """
     wf = pe.Workflow(name=name)
-    inputnode = pe.Node(niu.IdentityInterface(fields=["in_file"]), name="inputnode")
+    inputnode = pe.Node(niu.IdentityInterface(fields=["in_file", "mask_file", "forward_transform"]),
+                        name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(fields=["out_file"]), name="outputnode")
     crop = pe.Node(CropBox(box_mm=[list(b) for b in box_mm]), name="crop")
     wf.connect([
         (inputnode, crop, [("in_file", "in_file")]),
         (crop, outputnode, [("out_file", "out_file")]),
     ])
+    if template_reference:
+        mask = pe.Node(ApplyTransform(reference_file=template_reference, interpolation="nearestNeighbor",
+                                      num_threads=omp_nthreads), name="mask_to_template")
+        wf.connect([
+            (inputnode, mask, [("mask_file", "in_file"), ("forward_transform", "transform_file")]),
+            (mask, crop, [("out_file", "mask_file")]),
+        ])
     return wf
 
 
@@ -181,7 +196,7 @@ def init_anat_preproc_wf(*, template_target: str, template_reference: str, templ
     normalise_wf = init_intensity_normalisation_wf(percentile=preproc.normalise_percentile)
     resampling_wf = init_template_resampling_wf(template_reference=template_reference, template_mask=template_mask,
                                                 omp_nthreads=omp_nthreads)
-    crop_wf = init_cerebellum_crop_wf()
+    crop_wf = init_cerebellum_crop_wf(template_reference=template_reference, omp_nthreads=omp_nthreads)
 
     wf.connect(inputnode, "t1w", conform_wf, "inputnode.in_file")
     if preproc.denoise:
@@ -205,6 +220,8 @@ def init_anat_preproc_wf(*, template_target: str, template_reference: str, templ
         (normalise_wf, resampling_wf, [("outputnode.out_file", "inputnode.in_file")]),
         (registration_wf, resampling_wf, [("outputnode.forward_transform", "inputnode.forward_transform")]),
         (resampling_wf, crop_wf, [("outputnode.out_file", "inputnode.in_file")]),
+        (brain_mask_wf, crop_wf, [("outputnode.icv_mask", "inputnode.mask_file")]),
+        (registration_wf, crop_wf, [("outputnode.forward_transform", "inputnode.forward_transform")]),
         (conform_wf, outputnode, [("outputnode.out_file", "t1w_conformed"), ("outputnode.warnings", "warnings")]),
         (normalise_wf, outputnode, [("outputnode.out_file", "t1w_preproc")]),
         (brain_mask_wf, outputnode, [("outputnode.icv_mask", "icv_mask"), ("outputnode.brain_mask", "brain_mask"),

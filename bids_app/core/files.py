@@ -98,8 +98,16 @@ def normalise_file(in_file, mask_file, *, out_file, percentile: float = 99.0):
     return save_atomic(images.like(img, out, dtype=np.float32), out_file)
 
 
-def crop_file(in_file, *, out_file, box_mm=crop.CEREBELLUM_BOX_MM):
-    return save_atomic(crop.crop_box(_load(in_file), box_mm), out_file)
+def crop_file(in_file, *, out_file, box_mm=crop.CEREBELLUM_BOX_MM, mask_file=None):
+    """Crop to ``box_mm``; with ``mask_file`` (same grid) everything outside the mask becomes 0."""
+    img = crop.crop_box(_load(in_file), box_mm)
+    if mask_file:
+        mask_img = crop.crop_box(_load(mask_file), box_mm)
+        if mask_img.shape[:3] != img.shape[:3] or not np.allclose(mask_img.affine, img.affine, atol=1e-4):
+            raise ValueError(f"{mask_file}: the mask is not on the grid of {in_file}")
+        data = np.asarray(img.dataobj, dtype=np.float32) * (np.asarray(mask_img.dataobj) > 0.5)
+        img = images.like(img, data, dtype=np.float32)
+    return save_atomic(img, out_file)
 
 
 def registration_quality(in_file, template_file, template_mask_file) -> float:

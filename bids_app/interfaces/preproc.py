@@ -210,6 +210,7 @@ class _CropInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True)
     box_mm = traits.List(traits.List(traits.Float, minlen=2, maxlen=2), minlen=3, maxlen=3,
                           value=[list(b) for b in _crop.CEREBELLUM_BOX_MM], usedefault=True, desc="world box (RAS mm)")
+    mask_file = File(exists=True, desc="mask on the grid of in_file: zero outside it")
 
 
 class CropBox(SimpleInterface):
@@ -220,7 +221,8 @@ class CropBox(SimpleInterface):
 
     def _run_interface(self, runtime):
         self._results["out_file"] = files.crop_file(self.inputs.in_file, out_file=_out("cropped.nii.gz"),
-                                                    box_mm=self.inputs.box_mm)
+                                                    box_mm=self.inputs.box_mm,
+                                                    mask_file=self.inputs.mask_file or None)
         return runtime
 
 

@@ -20,8 +20,8 @@ from workflows import base, outputs, preproc
 
 STAGES = ("conform_wf", "denoise_wf", "n4_wf", "template_registration_wf", "brain_mask_wf", "n4_masked_wf",
           "intensity_normalisation_wf", "template_resampling_wf", "cerebellum_crop_wf")
-#: nodes per subject: preprocessing 33 (3 of them denoise), derivatives 11, reportlets 12, subject inputnode 1
-NODES_PER_SUBJECT = 55
+#: nodes per subject: preprocessing 34 (3 of them denoise; the crop masks with the ICV mask), derivatives 11, reportlets 12, subject inputnode 1
+NODES_PER_SUBJECT = 56
 DENOISE_NODES = 3
 
 
