@@ -75,6 +75,8 @@ def main() -> int:
     parser.add_argument("--label-interpolation", default="genericLabel")
     parser.add_argument("--naive-voxels", type=int, default=20000)
     parser.add_argument("--synthetic-subjects", type=int, default=15)
+    parser.add_argument("--d-sweep", type=float, nargs="*", default=[0.0, 0.005, 0.05, 0.5, 2.0],
+                        help="d values whose prior Dice is reported at the largest N (library targets)")
     parser.add_argument("--no-end-to-end", action="store_true", help="skip the run of atlas_prior_file")
     args = parser.parse_args()
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.threads)  # before ITK starts
@@ -154,9 +156,18 @@ def main() -> int:
                 dice = _dice(np.asarray(values)[probs.argmax(0)], truth) if truth is not None else float("nan")
                 total = t_hdr + t_img + t_sel + sum(reg_wall[:n]) + sum(lab_wall[:n]) + t_fuse
                 rows.append((preset, n, total, dice, sum(reg_cpu[:n])))
-                print(f"  [{preset}] N={n:2d}: registrations {sum(reg_wall[:n]):6.1f} s (CPU {sum(reg_cpu[:n]):6.1f} s),"
-                      f" labels {sum(lab_wall[:n]):4.1f} s, fusion {t_fuse:.2f} s -> stage {total:6.1f} s"
+                print(f"  [{preset}] N={n:2d}: registrations {sum(reg_wall[:n]):6.1f} s "
+                      f"(CPU {sum(reg_cpu[:n]):6.1f} s), labels {sum(lab_wall[:n]):4.1f} s, fusion {t_fuse:.2f} s "
+                      f"-> stage {total:6.1f} s"
                       + (f", prior Dice {dice:.3f}" if truth is not None else ""), flush=True)
+            if truth is not None and args.d_sweep:
+                n = min(max(ns), len(warped))
+                scores = []
+                for d in args.d_sweep:
+                    probs = af.fuse_weighted(target, warped[:n], wlabels[:n], values, d=d)
+                    scores.append(f"d={d:g}: {_dice(np.asarray(values)[probs.argmax(0)], truth):.3f}")
+                print(f"  [{preset}] N={n}, Dice against d (scale {af.DEFAULT_SCALE:g}; d=0 is a plain vote): "
+                      + ", ".join(scores))
             if not fusion_checked:
                 fusion_checked = True
                 n = min(max(ns), len(warped))

@@ -73,7 +73,10 @@ def test_participant_outputs(e2e):
         icv = json.loads((anat / f"sub-{sub}_label-ICV_mask.json").read_text())
         assert 900 < icv["VolumeML"] < 2200
         figures = sorted(p.name for p in (out / f"sub-{sub}" / "figures").glob("*.svg"))
-        assert len(figures) == 8, figures  # 5 of preprocessing, 2 of the segmentation, 1 of the parcellation
+        # 5 of preprocessing, 2 of the segmentation, 1 of the parcellation, 3 of the cerebellum (+ its PNG render)
+        assert len(figures) == 11, figures
+        assert (out / f"sub-{sub}" / "figures" / f"sub-{sub}_space-ArborSegPhantom_seg-cerebellum_desc-render_dseg.png"
+                ).is_file()
         html = (out / f"sub-{sub}.html").read_text()
         assert "success" in html.lower() and "figures/" in html
         record = json.loads((out / "logs" / f"sub-{sub}_record.json").read_text())

@@ -114,23 +114,26 @@ def run_cerebellum_cv(library_dir: Path, oasis_dir: Path, template: Path, out_di
                      case["subject"], method, f" ({extra})" if extra else "", row["lobule_dice_mean"],
                      row["cerebellum_dice"], row.get("vermis_dice_mean", float("nan")), seconds)
 
-        for method, models in lobules.items():
-            t0 = time.perf_counter()
-            res = segment_cerebellum(crop, hemisphere, models, mc_samples=mc_samples, num_threads=threads)
-            add(method, res.labels, time.perf_counter() - t0, mean_cv_percent=round(float(res.mean_cv_percent), 2))
+        prior = None
         if atlas_n:
             from bids_app.atlas_library import read_library
             from bids_app.core.atlas_fusion import atlas_prior
 
+            # leave-subject-out, as for a new subject: the atlas-fusion baseline and the prior channels
             t0 = time.perf_counter()
-            prior = atlas_prior(t1, read_library(library_dir), n=atlas_n, exclude_subjects=[case["subject"]])
-            probs = prior.probabilities
-            pred = load_protocol("lobules").to_labels(np.argmax(probs, axis=0))
+            prior = atlas_prior(t1, read_library(library_dir), n=atlas_n,
+                                exclude_subjects=[case["subject"]]).probabilities
+            pred = load_protocol("lobules").to_labels(np.argmax(prior, axis=0))
             add(f"atlas-fusion-n{atlas_n}", pred, time.perf_counter() - t0)
+        for method, models in lobules.items():
+            t0 = time.perf_counter()
+            res = segment_cerebellum(crop, hemisphere, models, prior=prior, mc_samples=mc_samples, num_threads=threads)
+            add(method, res.labels, time.perf_counter() - t0, mean_cv_percent=round(float(res.mean_cv_percent), 2),
+                prior=bool(res.prior_used))
         ens = "ensemble" if "ensemble" in lobules else next(iter(lobules))
         for kind in degrade_kinds:
             t0 = time.perf_counter()
-            res = segment_cerebellum(degrade_crop(crop, kind, seed=i), hemisphere, lobules[ens],
+            res = segment_cerebellum(degrade_crop(crop, kind, seed=i), hemisphere, lobules[ens], prior=prior,
                                      mc_samples=mc_samples, num_threads=threads)
             add(f"{ens}+{kind}", res.labels, time.perf_counter() - t0,
                 mean_cv_percent=round(float(res.mean_cv_percent), 2))
@@ -177,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="a named set of lobule checkpoints, e.g. unet=runs/a/final")
     parser.add_argument("--mc-samples", type=int, default=5)
     parser.add_argument("--atlas-n", type=int, default=0, help="also score atlas fusion with N atlases")
-    parser.add_argument("--degrade", nargs="*", default=list(DEGRADATIONS))
+    parser.add_argument("--degrade", nargs="*", default=list(DEGRADATIONS),
+                        help="corruptions run with the 'ensemble' set (else the first set)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")

@@ -23,7 +23,7 @@ def test_atlas_prior_interface_runs(tmp_path, monkeypatch):
     node_dir.mkdir()
     monkeypatch.chdir(node_dir)
     iface = AtlasPrior(in_file=str(crop), library_dir=str(library), n_atlases=2, exclude_subjects=["synth-01"],
-                       num_threads=1, random_seed=7)
+                       num_threads=1, random_seed=7, syn_preset="fine")
     assert AtlasPrior().inputs.n_atlases == DEFAULT_N
     result = iface.run()
     out = result.outputs
@@ -34,7 +34,7 @@ def test_atlas_prior_interface_runs(tmp_path, monkeypatch):
     meta = json.loads(open(out.out_json).read())
     # synth-01 and its mirrored twin are left out: synth-00 and its twin remain
     assert sorted(meta["selected_cases"]) == ["synth-00", "synth-00-mirror"]
-    assert meta["random_seed"] == 7 and meta["exclude_subjects"] == ["synth-01"]
+    assert meta["random_seed"] == 7 and meta["syn_preset"] == "fine" and meta["exclude_subjects"] == ["synth-01"]
     # num_threads does not change the cache key
     a = AtlasPrior(in_file=str(crop), library_dir=str(library), num_threads=1)
     b = AtlasPrior(in_file=str(crop), library_dir=str(library), num_threads=4)

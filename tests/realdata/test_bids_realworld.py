@@ -104,3 +104,29 @@ def test_group_outputs(realworld):
     rows = (out / "group.tsv").read_text().splitlines()
     assert len(rows) == 1 + len(SUBJECTS)
     assert (out / "group.html").is_file()
+
+
+def test_cerebellum_branch_is_sensible(realworld):
+    """The shipped cerebellum cascade on the whole-head 0.88 mm scan (no library: no atlas prior)."""
+    from bids_app.core.morphometry import read_morphometry_tsv
+
+    out = realworld["out"]
+    anat = out / "sub-chris" / "anat"
+    import nibabel as nb
+
+    raw = nb.load(str(realworld["bids"] / "sub-chris" / "anat" / "sub-chris_T1w.nii.gz"))
+    native = nb.load(str(anat / "sub-chris_seg-cerebellum_dseg.nii.gz"))
+    assert native.shape == raw.shape[:3]
+    crop = nb.load(str(anat / "sub-chris_space-MNI152NLin6Asym_seg-cerebellum_dseg.nii.gz"))
+    assert crop.shape == (128, 88, 88)
+    rows = {r["name"]: r for r in read_morphometry_tsv(anat / "sub-chris_seg-cerebellum_morph.tsv")}
+    left = sum(float(r["volume_mm3"]) for n, r in rows.items() if n.startswith("Left-"))
+    right = sum(float(r["volume_mm3"]) for n, r in rows.items() if n.startswith("Right-"))
+    # an adult cerebellum is about 100-160 ml; both hemispheres within 15 % of each other
+    assert 70_000 < left + right < 220_000, (left, right)
+    assert abs(left - right) / (left + right) < 0.15, (left, right)
+    wm = [float(rows[f"{s}-Cerebellum-White-Matter"]["volume_mm3"]) for s in ("Left", "Right")]
+    assert all(5_000 < v < 40_000 for v in wm), wm
+    qc = json.loads((anat / "sub-chris_seg-cerebellum_qc.json").read_text())
+    assert qc["atlas_prior"]["used"] is False and qc["atlas_prior"]["reason"]
+    assert (out / "sub-chris_seg-cerebellum_report.pdf").read_bytes()[:4] == b"%PDF"
