@@ -62,7 +62,6 @@ fresh process (what the Nipype interface does; see :mod:`bids_app.models.segment
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -76,7 +75,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from ..core.labels import Protocol, class_merge_matrix, load_mapping, load_protocol, merge_probabilities
-from .checkpoint import ModelError, _read_manifest, _sniff_format, _split_path, list_models, validate_manifest
+from .checkpoint import ModelError, _split_path, list_models, verify_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -222,26 +221,6 @@ class CerebellumModels:
     unused: tuple[Path, ...] = ()
 
 
-def _checked_manifest(raw: str | os.PathLike) -> tuple[Path, dict]:
-    """Manifest, safetensors weights and checksum of one checkpoint (no torch); ModelError names the file."""
-    manifest_path, weights_path = _split_path(Path(raw).expanduser())
-    if not manifest_path.exists() and not weights_path.exists():
-        raise ModelError(f"{raw}: no such model checkpoint (expected {manifest_path.name} and {weights_path.name})")
-    manifest = validate_manifest(_read_manifest(manifest_path), where=str(manifest_path), check_kwargs=False)
-    try:
-        blob = weights_path.read_bytes()
-    except FileNotFoundError:
-        raise ModelError(f"{weights_path}: model weights not found") from None
-    except OSError as exc:
-        raise ModelError(f"{weights_path}: cannot read the model weights ({exc.strerror})") from None
-    if _sniff_format(blob) != "safetensors":
-        raise ModelError(f"{weights_path}: not a safetensors file; refused without loading it")
-    if hashlib.sha256(blob).hexdigest() != manifest["sha256"]:
-        raise ModelError(f"{weights_path}: checksum mismatch with {manifest_path.name}; the file is corrupt or was "
-                         f"modified")
-    return manifest_path.resolve(), manifest
-
-
 def _check_protocol(manifest: dict, expected: str, where: Path) -> None:
     from .segment import protocol_of
 
@@ -266,7 +245,7 @@ def select_cerebellum_models(paths: Sequence[str | os.PathLike], *, prior_availa
     with_prior: list[Path] = []
     without: list[Path] = []
     for raw in paths:
-        path, manifest = _checked_manifest(raw)
+        path, manifest = verify_checkpoint(raw)
         task = manifest.get("task")
         if task == HEMISPHERES_TASK:
             _check_protocol(manifest, HEMISPHERES_PROTOCOL, path)
@@ -760,25 +739,9 @@ def cerebellum_files(crop_t1w: str, source_file: str, inverse_transform: str, he
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m bids_app.models.cascade SPEC.json OUTPUTS.json``; exit 1 with one line on failure."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) != 2:
-        sys.stderr.write("usage: python -m bids_app.models.cascade SPEC.json OUTPUTS.json\n")
-        return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)-7s | %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stderr)
-    try:
-        from ..bids import atomic_write_json
+    from .segment_files import spec_main
 
-        spec = json.loads(Path(argv[0]).read_text())
-        outputs = cerebellum_files(**spec)
-        atomic_write_json(Path(argv[1]), outputs)
-    except Exception as exc:  # the parent turns the last line into the node's error
-        import traceback
-
-        traceback.print_exc(file=sys.stderr)
-        sys.stderr.write(f"ERROR: {type(exc).__name__}: {exc}\n")
-        return 1
-    return 0
+    return spec_main(argv, "bids_app.models.cascade", cerebellum_files)
 
 
 if __name__ == "__main__":  # pragma: no cover

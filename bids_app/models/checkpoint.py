@@ -476,3 +476,24 @@ def list_models(folder: str | os.PathLike | None = None) -> list[dict]:
                 "path": str(manifest_path),
             })
     return rows
+
+
+def verify_checkpoint(raw) -> tuple[Path, dict]:
+    """Check one checkpoint before any work, without torch: a valid manifest, safetensors weights that match its
+    checksum. Returns ``(resolved manifest path, manifest)``; :class:`ModelError` names the file."""
+    manifest_path, weights_path = _split_path(Path(raw).expanduser())
+    if not manifest_path.exists() and not weights_path.exists():
+        raise ModelError(f"{raw}: no such model checkpoint (expected {manifest_path.name} and {weights_path.name})")
+    manifest = validate_manifest(_read_manifest(manifest_path), where=str(manifest_path), check_kwargs=False)
+    try:
+        blob = weights_path.read_bytes()
+    except FileNotFoundError:
+        raise ModelError(f"{weights_path}: model weights not found") from None
+    except OSError as exc:
+        raise ModelError(f"{weights_path}: cannot read the model weights ({exc.strerror})") from None
+    if _sniff_format(blob) != "safetensors":
+        raise ModelError(f"{weights_path}: not a safetensors file; refused without loading it")
+    if hashlib.sha256(blob).hexdigest() != manifest["sha256"]:
+        raise ModelError(f"{weights_path}: checksum mismatch with {manifest_path.name}; the file is corrupt or was "
+                         f"modified")
+    return manifest_path.resolve(), manifest

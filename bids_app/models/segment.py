@@ -43,7 +43,6 @@ Nothing here imports torch at module import time, so the command line can check 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -64,7 +63,8 @@ from ..core.labels import (
     merge_chain,
     merged_probabilities,
 )
-from .checkpoint import ModelError, _read_manifest, _sniff_format, _split_path, list_models, validate_manifest
+from .checkpoint import (ModelError, _read_manifest, _split_path, list_models, validate_manifest,
+                         verify_checkpoint)
 
 log = logging.getLogger(__name__)
 
@@ -155,24 +155,7 @@ def _validate_checkpoints(paths: Sequence[str | os.PathLike], kind: str) -> tupl
     manifests: list[Path] = []
     protocol: str | None = None
     for raw in paths:
-        manifest_path, weights_path = _split_path(Path(raw).expanduser())
-        if not manifest_path.exists() and not weights_path.exists():
-            raise ModelError(f"{raw}: no such model checkpoint (expected {manifest_path.name} and "
-                             f"{weights_path.name})")
-        manifest = validate_manifest(_read_manifest(manifest_path), where=str(manifest_path), check_kwargs=False)
-        try:
-            with open(weights_path, "rb") as fh:
-                blob = fh.read()
-        except FileNotFoundError:
-            raise ModelError(f"{weights_path}: model weights not found") from None
-        except OSError as exc:
-            raise ModelError(f"{weights_path}: cannot read the model weights ({exc.strerror})") from None
-        if _sniff_format(blob) != "safetensors":
-            raise ModelError(f"{weights_path}: not a safetensors file; refused without loading it")
-        if hashlib.sha256(blob).hexdigest() != manifest["sha256"]:
-            raise ModelError(f"{weights_path}: checksum mismatch with {manifest_path.name}; the file is corrupt "
-                             f"or was modified")
-        del blob
+        manifest_path, manifest = verify_checkpoint(raw)
         if len(manifest["input_channels"]) != 1:
             raise ModelError(f"{manifest_path}: {kind} models take one input channel (T1w), this one takes "
                              f"{len(manifest['input_channels'])}")
@@ -181,7 +164,7 @@ def _validate_checkpoints(paths: Sequence[str | os.PathLike], kind: str) -> tupl
             protocol = name
         elif name != protocol:
             raise ModelError(f"{manifest_path}: label protocol {name!r} differs from the other models' {protocol!r}")
-        manifests.append(manifest_path.resolve())
+        manifests.append(manifest_path)
     assert protocol is not None
     return manifests, protocol
 

@@ -193,17 +193,18 @@ def segment_files(t1w_preproc: str, icv_mask: str, source_file: str, checkpoints
     return outputs
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m bids_app.models.segment_files SPEC.json OUTPUTS.json``; exit 1 with one line on failure."""
+def spec_main(argv: Sequence[str] | None, module: str, function) -> int:
+    """``python -m <module> SPEC.json OUTPUTS.json``: ``function(**spec)`` in this fresh process, its
+    outputs written to OUTPUTS.json; exit 1 with the error on the last line of stderr."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) != 2:
-        sys.stderr.write("usage: python -m bids_app.models.segment_files SPEC.json OUTPUTS.json\n")
+        sys.stderr.write(f"usage: python -m {module} SPEC.json OUTPUTS.json\n")
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)-7s | %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
     try:
         spec = json.loads(Path(argv[0]).read_text())
-        outputs = segment_files(**spec)
+        outputs = function(**spec)
         atomic_write_json(Path(argv[1]), outputs)
     except Exception as exc:  # the parent turns the last line into the node's error
         import traceback
@@ -212,6 +213,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"ERROR: {type(exc).__name__}: {exc}\n")
         return 1
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m bids_app.models.segment_files SPEC.json OUTPUTS.json``; exit 1 with one line on failure."""
+    return spec_main(argv, "bids_app.models.segment_files", segment_files)
 
 
 if __name__ == "__main__":  # pragma: no cover
