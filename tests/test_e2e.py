@@ -269,7 +269,9 @@ def test_segmentation_derivatives(e2e):
         html = (out / f"sub-{sub}.html").read_text()
         assert "Whole-brain segmentation" in html and f"sub-{sub}_seg-wholebrain_dseg.svg" in html
         assert 'class="seg-table"' in html and "Left-Hippocampus" in html
-        assert html.count('<tr class="flagged">') == sum(r["qc_flag"] == "warn" for r in rows)
+        # flagged rows of the whole-brain table and of the cerebellum section's lobule table
+        cerebellum_rows = read_morphometry_tsv(anat / f"sub-{sub}_seg-cerebellum_morph.tsv")
+        assert html.count('<tr class="flagged">') == sum(r["qc_flag"] == "warn" for r in rows + cerebellum_rows)
         # the cortical parcellation: only the seg-dkt outputs, on the raw grid, background outside the ICV
         for name in DKT_FILES:
             assert (anat / f"sub-{sub}_{name}").is_file(), name
@@ -294,9 +296,15 @@ def test_segmentation_derivatives(e2e):
     assert broken["segmentation"]["status"] == "failed"
 
 
-def _no_seg_files(out: Path) -> None:
-    assert not [p for p in out.rglob("*seg-*") if p.is_file()]
-    assert not list(out.glob("group_volumes_*.tsv")) and not (out / "group_seg_qc.tsv").exists()
+def _no_seg_files(out: Path, *, cerebellum: bool = False) -> None:
+    """No segmentation output at all (``cerebellum``: except the cerebellum branch's, which has its own switch)."""
+    found = [p for p in out.rglob("*seg-*") if p.is_file()]
+    if cerebellum:
+        assert any("seg-cerebellum" in p.name for p in found)
+        found = [p for p in found if "seg-cerebellum" not in p.name]
+    assert not found
+    group = [p.name for p in out.glob("group_*seg*.tsv")] + [p.name for p in out.glob("group_volumes_*.tsv")]
+    assert not [name for name in group if not (cerebellum and "cerebellum" in name)], group
 
 
 def test_no_seg_writes_no_segmentation(e2e):
@@ -309,7 +317,7 @@ def test_no_seg_writes_no_segmentation(e2e):
     assert record["segmentation"] == {"status": "off", "reason": "switched off with --no-seg"}
     assert "Whole-brain segmentation" not in (out / "sub-phantom01.html").read_text()
     assert main([str(e2e["bids"]), str(out), "group"]) == 0
-    _no_seg_files(out)
+    _no_seg_files(out, cerebellum=True)  # --no-seg leaves the cerebellum branch on (--no-cerebellum stops it)
     assert "segmeancv" not in (out / "group.html").read_text()
 
 
