@@ -43,7 +43,7 @@ IGNORED_TSV_COLUMNS = {"runtime_s"}
 IGNORED_FILES = ("logs/config-", "logs/crash/")
 #: reports, figures and logs are made from the compared data and carry run ids, dates and wall
 #: times: they must exist in both runs but are not compared
-EXIST_ONLY_SUFFIXES = (".html", ".svg", ".md", ".toml")
+EXIST_ONLY_SUFFIXES = (".html", ".svg", ".png", ".pdf", ".md", ".toml")
 
 
 def log(message: str) -> None:
