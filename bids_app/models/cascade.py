@@ -64,7 +64,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -76,6 +75,7 @@ import numpy as np
 
 from ..core.labels import Protocol, class_merge_matrix, load_mapping, load_protocol, merge_probabilities
 from .checkpoint import ModelError, _split_path, list_models, verify_checkpoint
+from .segment_files import _num
 
 log = logging.getLogger(__name__)
 
@@ -579,14 +579,6 @@ def merged_cv(result: CascadeResult, protocol: str) -> tuple[np.ndarray, float, 
 
 
 # --------------------------------------------------------------------------- file adapter
-
-
-def _num(value: Any) -> float | None:
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        return None
-    return out if math.isfinite(out) else None
 
 
 def dseg_tsv(protocol: Protocol) -> str:
