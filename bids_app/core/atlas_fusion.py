@@ -335,7 +335,7 @@ def _class_lut(labels: np.ndarray, label_values: Sequence[int]) -> np.ndarray:
 
 
 def fuse_weighted(target: np.ndarray, warped_images, warped_labels, label_values: Sequence[int], d: float = DEFAULT_D,
-                  scale: float = DEFAULT_SCALE) -> np.ndarray:
+                  scale: float = DEFAULT_SCALE, *, channels: bool = False) -> np.ndarray:
     """DeepCERES' intensity-weighted vote: probabilities ``(K, X, Y, Z)`` float32, summing to 1.
 
     For atlas ``j`` at voxel ``p``: ``w_j(p) = 1 / (1 + d * |s*I_p - s*L_{p,j}|)`` with
@@ -348,7 +348,9 @@ def fuse_weighted(target: np.ndarray, warped_images, warped_labels, label_values
     would be almost uniform (a plain majority vote).
 
     ``warped_images``/``warped_labels``: arrays ``(N, X, Y, Z)`` or sequences of ``N`` arrays on the
-    target grid. ``label_values``: the ``K`` label values in class order (e.g. the protocol's
+    target grid. Several contrasts (e.g. T1w and T2w): ``target`` ``(C, X, Y, Z)`` with ``channels=True``
+    and every warped image ``(C, X, Y, Z)``; ``|I - L|`` is then the mean absolute difference over
+    the ``C`` contrasts. ``label_values``: the ``K`` label values in class order (e.g. the protocol's
     indices, background first); a label outside them raises ``ValueError``. Vectorised over the
     voxels (one pass per atlas): each voxel's weight is added to the channel of its label.
     """
@@ -361,7 +363,8 @@ def fuse_weighted(target: np.ndarray, warped_images, warped_labels, label_values
     if d < 0 or scale <= 0:
         raise ValueError(f"d must be >= 0 and scale > 0 (got d={d}, scale={scale})")
     k = len(label_values)
-    nvox = target.size
+    grid = target.shape[1:] if channels else target.shape
+    nvox = int(np.prod(grid))
     probs = np.zeros((k, nvox), dtype=np.float32)
     flat = probs.reshape(-1)
     wsum = np.zeros(nvox, dtype=np.float32)
@@ -370,10 +373,11 @@ def fuse_weighted(target: np.ndarray, warped_images, warped_labels, label_values
     for j in range(n):
         image = np.asarray(warped_images[j], dtype=np.float32)
         labels = np.asarray(warped_labels[j])
-        if image.shape != target.shape or labels.shape != target.shape:
+        if image.shape != target.shape or labels.shape != grid:
             raise ValueError(f"atlas {j}: image {image.shape} / labels {labels.shape} differ from the target's "
                              f"grid {target.shape}")
-        w = np.abs(target - image).ravel()
+        diff = np.abs(target - image)
+        w = (diff.mean(axis=0) if channels else diff).ravel()
         w *= ds
         w += np.float32(1.0)
         np.reciprocal(w, out=w)
@@ -382,7 +386,7 @@ def fuse_weighted(target: np.ndarray, warped_images, warped_labels, label_values
         flat[classes * nvox + offsets] += w
         wsum += w
     probs /= wsum
-    return probs.reshape((k,) + target.shape)
+    return probs.reshape((k,) + grid)
 
 
 def fuse_weighted_naive(target: np.ndarray, warped_images, warped_labels, label_values: Sequence[int],

@@ -12,7 +12,11 @@ field               meaning
 ``architecture``    a name of :data:`bids_app.models.registry.ARCHITECTURES`
 ``kwargs``          constructor keyword arguments of that architecture (JSON values)
 ``label_protocol``  ``{"name": str, "labels": [{"index": int, "name": str}, ...]}``, optionally
-                    ``"lr_swap": [int, ...]`` (mirrored class of every class, for flip TTA)
+                    ``"lr_swap": [int, ...]`` (mirrored class of every class, for flip TTA);
+                    ``null`` for the image-to-image tasks (:data:`IMAGE_TASKS`)
+``task``            optional: what the model is for (``"wholebrain"``, a cerebellum task, or an
+                    image task of :data:`IMAGE_TASKS`, whose manifest also needs
+                    ``output_channels``: ``[{"name": "T2w", "normalisation": ...}]``)
 ``input_channels``  ``[{"name": "T1w", "normalisation": "percentile99"}, ...]`` in input order
 ``voxel_size_mm``   a positive number (isotropic) or three positive numbers
 ``crop``            optional (``null`` or an object), e.g. the cerebellum box
@@ -65,6 +69,8 @@ PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".bin", ".tar", ".
 WEIGHTS_SUFFIX = ".safetensors"
 MANIFEST_SUFFIX = ".json"
 _STORAGE_DTYPES = ("float32", "float16")
+#: tasks whose networks output images (regression), not class logits: no label protocol
+IMAGE_TASKS = ("superres", "t2synth")
 
 
 class ModelError(ArborSegError):
@@ -112,6 +118,36 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _check_label_protocol(protocol: Any, bad) -> None:
+    if not isinstance(protocol, dict) or not isinstance(protocol.get("name"), str):
+        raise bad("'label_protocol' must be an object with a string 'name' and a list 'labels'")
+    labels = protocol.get("labels")
+    if not isinstance(labels, list) or not labels:
+        raise bad("'label_protocol.labels' must be a non-empty list of {index, name}")
+    indices = []
+    for entry in labels:
+        if not (isinstance(entry, dict) and isinstance(entry.get("index"), int)
+                and not isinstance(entry.get("index"), bool) and isinstance(entry.get("name"), str)):
+            raise bad("every label must be an object with an integer 'index' and a string 'name'")
+        indices.append(entry["index"])
+    if len(set(indices)) != len(indices):
+        raise bad("label indices must be unique")
+    swap = protocol.get("lr_swap")
+    if swap is not None:
+        n = len(labels)
+        if (not isinstance(swap, list) or sorted(swap) != list(range(n))
+                or any(swap[swap[c]] != c for c in range(n))):
+            raise bad("'label_protocol.lr_swap' must be a self-inverse permutation of the class positions")
+
+
+def _check_channels(channels: Any, key: str, bad) -> None:
+    if not isinstance(channels, list) or not channels or not all(
+        isinstance(c, dict) and isinstance(c.get("name"), str) and isinstance(c.get("normalisation"), str)
+        for c in channels
+    ):
+        raise bad(f"'{key}' must be a non-empty list of {{name, normalisation}}")
+
+
 def validate_manifest(manifest: Any, *, where: str = "manifest", check_kwargs: bool = True) -> dict:
     """Check the fields and types of a manifest; returns it, raises :class:`ModelError`.
 
@@ -143,33 +179,13 @@ def validate_manifest(manifest: Any, *, where: str = "manifest", check_kwargs: b
     if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
         raise bad("'kwargs' must be an object")
 
-    protocol = manifest["label_protocol"]
-    if not isinstance(protocol, dict) or not isinstance(protocol.get("name"), str):
-        raise bad("'label_protocol' must be an object with a string 'name' and a list 'labels'")
-    labels = protocol.get("labels")
-    if not isinstance(labels, list) or not labels:
-        raise bad("'label_protocol.labels' must be a non-empty list of {index, name}")
-    indices = []
-    for entry in labels:
-        if not (isinstance(entry, dict) and isinstance(entry.get("index"), int)
-                and not isinstance(entry.get("index"), bool) and isinstance(entry.get("name"), str)):
-            raise bad("every label must be an object with an integer 'index' and a string 'name'")
-        indices.append(entry["index"])
-    if len(set(indices)) != len(indices):
-        raise bad("label indices must be unique")
-    swap = protocol.get("lr_swap")
-    if swap is not None:
-        n = len(labels)
-        if (not isinstance(swap, list) or sorted(swap) != list(range(n))
-                or any(swap[swap[c]] != c for c in range(n))):
-            raise bad("'label_protocol.lr_swap' must be a self-inverse permutation of the class positions")
-
-    channels = manifest["input_channels"]
-    if not isinstance(channels, list) or not channels or not all(
-        isinstance(c, dict) and isinstance(c.get("name"), str) and isinstance(c.get("normalisation"), str)
-        for c in channels
-    ):
-        raise bad("'input_channels' must be a non-empty list of {name, normalisation}")
+    if manifest.get("task") in IMAGE_TASKS:
+        _check_channels(manifest.get("output_channels"), "output_channels", bad)
+        if manifest["label_protocol"] is not None:
+            raise bad(f"'label_protocol' must be null for the image task {manifest['task']!r}")
+    else:
+        _check_label_protocol(manifest["label_protocol"], bad)
+    _check_channels(manifest["input_channels"], "input_channels", bad)
 
     vox = manifest["voxel_size_mm"]
     values = vox if isinstance(vox, list) else [vox]
@@ -467,7 +483,8 @@ def list_models(folder: str | os.PathLike | None = None) -> list[dict]:
                 "name": manifest["name"],
                 "version": manifest["version"],
                 "architecture": manifest["architecture"],
-                "protocol": manifest["label_protocol"]["name"],
+                "protocol": (manifest["label_protocol"]["name"] if manifest["label_protocol"] is not None
+                             else "image:" + "+".join(c["name"] for c in manifest["output_channels"])),
                 "channels": [c["name"] for c in manifest["input_channels"]],
                 "parameters": n_params,
                 "size_mb": round(weights.stat().st_size / 1e6, 3),

@@ -12,6 +12,7 @@ ARCHITECTURES: dict[str, str] = {
     "dpn": "bids_app.models.dpn:DPN",
     "deepmrseg": "bids_app.models.deepmrseg:DeepMRSeg",
     "segnet": "bids_app.models.segnet:SegNet",
+    "srresnet": "bids_app.models.superres:SuperResolution3D",
 }
 
 
