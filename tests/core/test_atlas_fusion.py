@@ -322,3 +322,23 @@ def test_mirror_labels_swaps_sides():
     labels = np.zeros((4, 1, 1), np.int16)
     labels[0], labels[3] = 5, 113
     np.testing.assert_array_equal(al.mirror_labels(labels)[:, 0, 0], [13, 0, 0, 105])
+
+
+def test_fuse_weighted_several_contrasts():
+    """With two contrasts the weights use the mean absolute difference: a contrast that tells the
+    atlases apart decides the vote when the other does not."""
+    shape = (4, 4, 4)
+    t1 = np.full(shape, 0.5, np.float32)
+    target = np.stack([t1, np.full(shape, 0.2, np.float32)])
+    atlas_a = np.stack([t1, np.full(shape, 0.2, np.float32)])  # matches in both contrasts
+    atlas_b = np.stack([t1, np.full(shape, 0.9, np.float32)])  # differs in the second
+    labels = [np.full(shape, 1, np.int16), np.full(shape, 2, np.int16)]
+    probs = af.fuse_weighted(target, [atlas_a, atlas_b], labels, [0, 1, 2], channels=True)
+    assert probs.shape == (3,) + shape
+    assert np.allclose(probs.sum(0), 1.0)
+    assert (probs[1] > 0.9).all()
+    # T1 alone cannot tell them apart: an even vote
+    even = af.fuse_weighted(t1, [t1, t1], labels, [0, 1, 2])
+    assert np.allclose(even[1], 0.5)
+    with pytest.raises(ValueError, match="differ"):
+        af.fuse_weighted(target, [t1, t1], labels, [0, 1, 2], channels=True)
