@@ -98,7 +98,7 @@ def eval_superres(library: Path, out_dir: Path, *, model_path: str | None = None
     model, manifest = load_image_model(model_path, "superres")
     if hemisphere is None or lobules is None:
         chosen = select_cerebellum_models(default_cerebellum_models(), prior_available=False)
-        hemisphere, lobules = list(chosen.hemisphere), list(chosen.lobules)
+        hemisphere, lobules = [str(p) for p in chosen.hemispheres], [str(p) for p in chosen.lobules]
     rows = []
     for case in _test_cases(library, subjects):
         hr = np.asarray(nib.load(str(library / case["t1w"])).dataobj, dtype=np.float32)
@@ -283,6 +283,26 @@ def eval_ablation(library: Path, out_dir: Path, *, subjects=FOLD0_TEST, n_atlase
     return summary
 
 
+def record_metrics(manifest_path: Path, metrics: dict) -> None:
+    """Write ``metrics`` into a checkpoint manifest (the weights, and so the checksum, are untouched)."""
+    from bids_app.models.checkpoint import validate_manifest
+
+    manifest = json.loads(Path(manifest_path).read_text())
+    manifest["metrics"] = metrics
+    validate_manifest(manifest, where=str(manifest_path), check_kwargs=False)
+    _write(Path(manifest_path).parent, Path(manifest_path).name, manifest)
+
+
+def _manifest_metrics(what: str, summary: dict) -> dict:
+    if what == "superres":
+        return {"task": summary["task"], "subjects": summary["subjects"], **{
+            f"{key.replace(' / ', '_')}_{m}": round(v[m]["mean"], 4) for key, v in summary["methods"].items()
+            for m in ("psnr_db", "ssim", "lobule_dice")}}
+    return {"units": summary["units"], **{
+        f"{r['test'].split(' ')[0]}_{r['method'].replace(' ', '-')}_{m}": round(r[m], 4)
+        for r in summary["results"] for m in ("mae", "psnr_db", "ssim")}}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bids_app.training.image_eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("what", choices=("superres", "t2synth", "ablation"))
@@ -297,6 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--n-atlases", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--record", type=Path, help="write the figures into this model manifest (superres, t2synth)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if args.what == "superres":
@@ -308,6 +329,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         summary = eval_ablation(args.library, args.out, subjects=args.subjects, n_atlases=args.n_atlases,
                                 sr_path=args.sr_model, t2_path=args.t2_model, threads=args.threads)
+    if args.record and args.what != "ablation":
+        record_metrics(args.record, _manifest_metrics(args.what, summary))
     print(json.dumps(summary, indent=1)[:4000])
     return 0
 
