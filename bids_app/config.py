@@ -79,6 +79,32 @@ def _parcellation_default() -> SegmentationConfig:
     return SegmentationConfig(task="parcellation")
 
 
+#: values of ``--cerebellum-t2``
+T2_MODES = ("auto", "real", "synth", "none")
+
+
+def resolve_t2_source(mode: str, *, has_t2w: bool, synth_available: bool) -> tuple[str, str]:
+    """Which T2 the cerebellum branch of a subject uses: ``("real" | "synthetic" | "none", reason)``.
+
+    ``auto``: the subject's T2w when there is one, else the synthetic T2w; ``real``: only the
+    subject's T2w (none without one); ``synth``: always the synthetic one; ``none``: no T2 stage.
+    Synthesis needs an installed T2-synthesis model (``synth_available``). ``reason`` says why the
+    choice was made when it is not the obvious one ("" otherwise).
+    """
+    if mode not in T2_MODES:
+        raise ValueError(f"unknown T2 mode {mode!r} (known: {', '.join(T2_MODES)})")
+    if mode == "none":
+        return "none", "switched off with --cerebellum-t2 none"
+    if mode in ("auto", "real") and has_t2w:
+        return "real", ""
+    if mode == "real":
+        return "none", "--cerebellum-t2 real and the subject has no T2w"
+    if synth_available:
+        return "synthetic", "the subject has no T2w" if mode == "auto" else ""
+    why = "no T2-synthesis model is installed (\"task\": \"t2synth\" in bids_app/data/models/ or $ARBORSEG_MODELS_DIR)"
+    return "none", (f"the subject has no T2w and {why}" if mode == "auto" else why)
+
+
 @dataclass(frozen=True)
 class CerebellumConfig:
     """The cerebellum branch (README "Cerebellar lobules"): the hemisphere -> lobule cascade ensemble on the
@@ -103,6 +129,33 @@ class CerebellumConfig:
     mc_samples: int = 15
     #: why the branch is skipped although switched on (no or incomplete installed models)
     missing: str = ""
+    #: the x2 super-resolution of the crop (False with ``--no-superres``)
+    superres: bool = True
+    #: manifest of the super-resolution model (``task: superres``); None: none installed, the stage is skipped
+    superres_checkpoint: Path | None = None
+    #: ``--cerebellum-t2``: ``auto`` (the subject's T2w, else synthetic), ``real``, ``synth`` or ``none``
+    t2_mode: str = "auto"
+    #: manifest of the T2-synthesis model (``task: t2synth``); None: none installed
+    t2synth_checkpoint: Path | None = None
+
+    @property
+    def superres_active(self) -> bool:
+        """True when the crop is super-resolved: switched on and a model."""
+        return self.superres and self.superres_checkpoint is not None
+
+    @property
+    def superres_reason(self) -> str:
+        """Why the super-resolution does not run ("" when it does)."""
+        if not self.superres:
+            return "switched off with --no-superres"
+        if self.superres_checkpoint is None:
+            return ("no super-resolution model is installed (\"task\": \"superres\" in bids_app/data/models/ or "
+                    "$ARBORSEG_MODELS_DIR)")
+        return ""
+
+    def t2_source(self, has_t2w: bool) -> tuple[str, str]:
+        """``(source, reason)`` of the T2 stage of a subject: see :func:`resolve_t2_source`."""
+        return resolve_t2_source(self.t2_mode, has_t2w=has_t2w, synth_available=self.t2synth_checkpoint is not None)
 
     @property
     def active(self) -> bool:

@@ -117,3 +117,36 @@ def no_package_models(tmp_path_factory, monkeypatch):
     from bids_app.models import checkpoint
 
     monkeypatch.setattr(checkpoint, "PACKAGE_MODELS_DIR", tmp_path_factory.mktemp("no-package-models"))
+
+
+def tiny_image_checkpoint(path_stem, *, task, seed=0, name=None):
+    """A tiny random image-to-image network saved as an image-task checkpoint (manifest fields as
+    ``bids_app.training.imagetasks.export``): ``task="superres"``: ``SuperResolution3D(width=4, n_blocks=1)``
+    (x2, its head perturbed so that it is not plain trilinear); ``"t2synth"``: a one-output ``UNet3D`` (4
+    filters, depth 1). Returns the manifest path."""
+    import torch
+
+    from bids_app.core.crop import CEREBELLUM_BOX_MM
+    from bids_app.models.checkpoint import save_checkpoint
+    from bids_app.models.superres import SuperResolution3D
+    from bids_app.models.unet import UNet3D
+
+    torch.manual_seed(seed)
+    if task == "superres":
+        net = SuperResolution3D(width=4, n_blocks=1)
+        with torch.no_grad():
+            net.head.weight.normal_(0.0, 0.01)
+    else:
+        net = UNet3D(in_channels=1, n_classes=1, base_filters=4, depth=1, dropout=0.0)
+    fields = {
+        "name": name or path_stem.name, "version": "0.0.1", "task": task, "label_protocol": None,
+        "input_channels": [{"name": "T1w", "normalisation": "percentile99"}],
+        "output_channels": [{"name": "T1w" if task == "superres" else "T2w", "normalisation": "percentile99"}],
+        "voxel_size_mm": 1.0, "crop": {"space": "MNI152NLin6Asym", "box_mm": [list(b) for b in CEREBELLUM_BOX_MM]},
+        "training": {"data": "random weights (tests)", "licence": "CC0-1.0", "seed": seed}, "metrics": {},
+    }
+    if task == "superres":
+        fields["scale"] = 2
+    path_stem.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(net, path_stem, fields)
+    return path_stem.with_name(path_stem.name + ".json")

@@ -73,8 +73,12 @@ def test_participant_outputs(e2e):
         icv = json.loads((anat / f"sub-{sub}_label-ICV_mask.json").read_text())
         assert 900 < icv["VolumeML"] < 2200
         figures = sorted(p.name for p in (out / f"sub-{sub}" / "figures").glob("*.svg"))
-        # 5 of preprocessing, 2 of the segmentation, 1 of the parcellation, 3 of the cerebellum (+ its PNG render)
-        assert len(figures) == 11, figures
+        # 5 of preprocessing, 2 of the segmentation, 1 of the parcellation, 3 of the cerebellum (+ its PNG render),
+        # T1w | T2w (the phantom's own T2w, --cerebellum-t2 auto) and T1w | super-resolved T1w when a model is installed
+        from bids_app.models.imaging import default_image_model
+
+        assert len(figures) == 12 + (default_image_model("superres") is not None), figures
+        assert f"sub-{sub}_space-ArborSegPhantom_seg-cerebellum_desc-t2_T2w.svg" in figures
         assert (out / f"sub-{sub}" / "figures" / f"sub-{sub}_space-ArborSegPhantom_seg-cerebellum_desc-render_dseg.png"
                 ).is_file()
         html = (out / f"sub-{sub}.html").read_text()

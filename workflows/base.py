@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from nipype.interfaces import utility as niu
@@ -23,6 +24,8 @@ from .segment import (
     init_wholebrain_seg_wf,
     model_names,
 )
+
+LOGGER = logging.getLogger("arborseg")
 
 
 def init_single_subject_wf(*, inputs: AnatInputs, bids_dir: Path, output_dir: Path, template: TemplateFiles,
@@ -138,7 +141,9 @@ def _add_cerebellum(wf, inputnode, anat_preproc_wf, *, inputs: AnatInputs, bids_
         CEREBELLUM_DERIVATIVES,
         REPORTS_MODULE,
         cerebellum_model_names,
+        image_model_info,
         init_cerebellum_derivatives_wf,
+        init_cerebellum_image_derivatives_wf,
         init_cerebellum_wf,
         module_available,
     )
@@ -146,11 +151,19 @@ def _add_cerebellum(wf, inputnode, anat_preproc_wf, *, inputs: AnatInputs, bids_
     source_file = str(inputs.t1w)
     hemis = [str(c) for c in cerebellum.hemisphere_checkpoints]
     lobes = [str(c) for c in cerebellum.lobule_checkpoints]
+    superres = cerebellum.superres_active
+    t2_source, t2_reason = cerebellum.t2_source(has_t2w=inputs.t2w is not None)
+    if cerebellum.t2_mode == "real" and t2_source == "none":
+        LOGGER.info("%s: no T2w, so no T2 stage in the cerebellum branch (--cerebellum-t2 real)", inputs.label)
+    superres_ckpt = str(cerebellum.superres_checkpoint) if cerebellum.superres_checkpoint else None
+    t2synth_ckpt = str(cerebellum.t2synth_checkpoint) if cerebellum.t2synth_checkpoint else None
     cer_wf = init_cerebellum_wf(
         hemisphere_checkpoints=hemis, lobule_checkpoints=lobes, mc_samples=cerebellum.mc_samples, seed=random_seed,
         omp_nthreads=omp_nthreads, device=device, use_prior=cerebellum.use_prior,
         library_dir=str(cerebellum.library_dir) if cerebellum.library_dir else None, n_atlases=cerebellum.n_atlases,
-        prior_reason=cerebellum.prior_reason)
+        prior_reason=cerebellum.prior_reason, superres=superres, superres_checkpoint=superres_ckpt,
+        superres_reason=cerebellum.superres_reason, t2_source=t2_source, t2_reason=t2_reason,
+        t2synth_checkpoint=t2synth_ckpt)
     cer_derivatives_wf = init_cerebellum_derivatives_wf(
         output_dir=str(output_dir), source_file=source_file, source_uri=raw_uri(inputs.t1w, bids_dir),
         template=template, models=cerebellum_model_names(hemis, lobes), mc_samples=cerebellum.mc_samples,
@@ -163,11 +176,23 @@ def _add_cerebellum(wf, inputnode, anat_preproc_wf, *, inputs: AnatInputs, bids_
                                    ("outputnode.icv_ml", "inputnode.icv_ml")]),
         (cer_wf, cer_derivatives_wf, [(f"outputnode.{f}", f"inputnode.{f}") for f in fields]),
     ])
+    if t2_source == "real":
+        cer_wf.inputs.inputnode.t2w = str(inputs.t2w)
+        wf.connect(anat_preproc_wf, "outputnode.forward_transform", cer_wf, "inputnode.forward_transform")
+    image_fields = (["superres_crop"] if superres else []) + (["t2w_crop"] if t2_source != "none" else []) + \
+        (["t2w_xfm"] if t2_source == "real" else [])
+    if image_fields:
+        image_derivatives_wf = init_cerebellum_image_derivatives_wf(
+            output_dir=str(output_dir), source_file=source_file, template=template, superres=superres,
+            t2_source=t2_source, t2w_uri=raw_uri(inputs.t2w, bids_dir) if t2_source == "real" else None,
+            superres_model=image_model_info(superres_ckpt), t2synth_model=image_model_info(t2synth_ckpt))
+        wf.connect([(cer_wf, image_derivatives_wf, [(f"outputnode.{f}", f"inputnode.{f}") for f in image_fields])])
     if module_available(REPORTS_MODULE):
         from .cerebellum_reports import init_cerebellum_reports_wf
 
         cer_reports_wf = init_cerebellum_reports_wf(output_dir=str(output_dir), source_file=source_file,
-                                                    template=template, name="cerebellum_reports_wf")
+                                                    template=template, superres=superres, t2_source=t2_source,
+                                                    name="cerebellum_reports_wf")
         wf.connect([
             (anat_preproc_wf, cer_reports_wf, [("outputnode.cerebellum_crop", "inputnode.t1w_crop")]),
             (cer_wf, cer_reports_wf, [("outputnode.dseg_crop", "inputnode.dseg_crop"),
@@ -175,6 +200,10 @@ def _add_cerebellum(wf, inputnode, anat_preproc_wf, *, inputs: AnatInputs, bids_
                                       ("outputnode.morph", "inputnode.morph_tsv"),
                                       ("outputnode.qc_json", "inputnode.qc_json")]),
         ])
+        if superres:
+            wf.connect(cer_wf, "outputnode.superres_crop", cer_reports_wf, "inputnode.superres_crop")
+        if t2_source != "none":
+            wf.connect(cer_wf, "outputnode.t2w_crop", cer_reports_wf, "inputnode.t2w_crop")
 
 
 def init_arborseg_wf(*, subjects: list[AnatInputs], bids_dir: Path, output_dir: Path, work_dir: Path,

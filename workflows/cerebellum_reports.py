@@ -14,18 +14,23 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
 from bids_app.interfaces.bids import DerivativesDataSink
-from bids_app.interfaces.reports import LobuleMosaicRPT, LobuleRenderRPT, LobuleVolumesRPT, MapRPT
+from bids_app.interfaces.reports import ImagePairRPT, LobuleMosaicRPT, LobuleRenderRPT, LobuleVolumesRPT, MapRPT
 from bids_app.reports.lobules import DEFAULT_UNCERTAINTY_DESC, PROTOCOL, figure_entities
 
 #: fields of the inputnode
-CEREBELLUM_REPORT_INPUTS = ("t1w_crop", "dseg_crop", "uncertainty", "morph_tsv", "qc_json")
+CEREBELLUM_REPORT_INPUTS = ("t1w_crop", "dseg_crop", "uncertainty", "morph_tsv", "qc_json", "superres_crop",
+                            "t2w_crop")
+#: right-hand label of the T1w | T2w figure for each T2 source
+T2_LABELS = {"real": "the subject's T2w (rigidly registered)", "synthetic": "synthetic T2w (from the T1w)"}
 
 
 def init_cerebellum_reports_wf(*, output_dir: str, source_file: str, template: str, protocol: str = PROTOCOL,
                                uncertainty_desc: str | None = DEFAULT_UNCERTAINTY_DESC, uncertainty_unit: str = "nats",
-                               name: str = "cerebellum_reports_wf"):
+                               superres: bool = False, t2_source: str = "none", name: str = "cerebellum_reports_wf"):
     """Lobule reportlets: fills/outlines mosaic, surface overview, volume bars and (optionally) the
-    uncertainty map.
+    uncertainty map; with the image stages, the side-by-side figures T1w crop | super-resolved T1w
+    (``superres``: ``inputnode.superres_crop``, with a zoomed detail) and T1w crop | T2w
+    (``t2_source`` "real" or "synthetic": ``inputnode.t2w_crop``).
 
     ``inputnode``: ``t1w_crop`` (T1w of the crop), ``dseg_crop`` (lobule labels on the crop grid),
     ``morph_tsv`` (``_seg-cerebellum_morph.tsv``), ``qc_json`` (optional: subtitle of the volume
@@ -39,12 +44,17 @@ def init_cerebellum_reports_wf(*, output_dir: str, source_file: str, template: s
         figures/<source>_space-<tpl>_seg-cerebellum_desc-render_dseg.png
         figures/<source>_seg-cerebellum_desc-volumes_dseg.svg
         figures/<source>_space-<tpl>_seg-cerebellum_desc-<uncertainty_desc>_uncertainty.svg
+        figures/<source>_space-<tpl>_seg-cerebellum_desc-superres_T1w.svg     (superres)
+        figures/<source>_space-<tpl>_seg-cerebellum_desc-t2_T2w.svg           (a T2 source)
     """
     if uncertainty_desc is not None and not re.fullmatch(r"[a-zA-Z0-9]+", str(uncertainty_desc)):
         raise ValueError(f"uncertainty_desc must be a BIDS label (letters and digits), got {uncertainty_desc!r}")
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=list(CEREBELLUM_REPORT_INPUTS)), name="inputnode")
-    outputnode = pe.Node(niu.IdentityInterface(fields=["mosaic", "render", "volumes", "uncertainty"]),
+    if t2_source not in ("real", "synthetic", "none"):
+        raise ValueError(f"t2_source must be real, synthetic or none, got {t2_source!r}")
+    outputnode = pe.Node(niu.IdentityInterface(fields=["mosaic", "render", "volumes", "uncertainty", "superres",
+                                                       "t2"]),
                          name="outputnode")
     figures = figure_entities(template, uncertainty_desc=uncertainty_desc or "none")
 
@@ -79,5 +89,25 @@ def init_cerebellum_reports_wf(*, output_dir: str, source_file: str, template: s
             (inputnode, uncertainty_rpt, [("uncertainty", "in_file"), ("dseg_crop", "bbox_file")]),
             (uncertainty_rpt, ds_uncertainty, [("out_report", "in_file")]),
             (ds_uncertainty, outputnode, [("out_file", "uncertainty")]),
+        ])
+    if superres:
+        superres_rpt = pe.Node(ImagePairRPT(first_label="T1w crop (1 mm)", second_label="super-resolved T1w (x2)",
+                                            title="Cerebellum crop: super-resolution", detail="sagittal",
+                                            note_from="superres"),
+                               name="superres_rpt")
+        ds_superres = sink("ds_superres_rpt", "superres")
+        wf.connect([
+            (inputnode, superres_rpt, [("t1w_crop", "first"), ("superres_crop", "second"), ("qc_json", "qc_json")]),
+            (superres_rpt, ds_superres, [("out_report", "in_file")]),
+            (ds_superres, outputnode, [("out_file", "superres")]),
+        ])
+    if t2_source != "none":
+        t2_rpt = pe.Node(ImagePairRPT(first_label="T1w crop", second_label=T2_LABELS[t2_source],
+                                      title="Cerebellum crop: T1w and T2w", note_from="t2"), name="t2_rpt")
+        ds_t2 = sink("ds_t2_rpt", "t2")
+        wf.connect([
+            (inputnode, t2_rpt, [("t1w_crop", "first"), ("t2w_crop", "second"), ("qc_json", "qc_json")]),
+            (t2_rpt, ds_t2, [("out_report", "in_file")]),
+            (ds_t2, outputnode, [("out_file", "t2")]),
         ])
     return wf

@@ -260,6 +260,15 @@ def get_parser() -> argparse.ArgumentParser:
                           "used)")
     cer.add_argument("--n-atlases", type=_positive_int, metavar="N", default=None,
                      help="atlases of the library fused into the prior (default: the atlas fusion's own default)")
+    cer.add_argument("--no-superres", action="store_true",
+                     help="skip the x2 super-resolution of the cerebellum crop (the 0.5 mm res-hi T1w derivative "
+                          "and its report figure); it runs by default when a model with \"task\": \"superres\" is "
+                          "installed")
+    cer.add_argument("--cerebellum-t2", choices=["auto", "real", "synth", "none"], default="auto",
+                     help="the T2w of the cerebellum branch: auto uses the subject's T2w (rigidly registered to the "
+                          "T1w) when there is one, else a synthetic T2w predicted from the T1w; real only the "
+                          "subject's own (none without one); synth always the synthetic one; none no T2 stage "
+                          "(default: auto)")
 
     other = parser.add_argument_group("other")
     other.add_argument("-v", "--verbose", action="count", default=0,

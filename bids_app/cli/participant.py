@@ -175,6 +175,14 @@ def run_participant(config: RunConfig, *, clean_workdir: bool = False) -> int:
             LOGGER.info("cerebellar lobules: atlas prior from the library %s", cer.library_dir)
         else:
             LOGGER.info("cerebellar lobules without the atlas prior: %s", cer.prior_reason)
+        if cer.superres_active:
+            LOGGER.info("cerebellum crop super-resolution (x2): %s", cer.superres_checkpoint.stem)
+        else:
+            LOGGER.info("cerebellum crop super-resolution not run: %s", cer.superres_reason)
+        synth = cer.t2synth_checkpoint.stem if cer.t2synth_checkpoint else "no T2-synthesis model installed"
+        LOGGER.info("cerebellum T2w (--cerebellum-t2 %s): %s", cer.t2_mode, {
+            "auto": f"the subject's T2w when there is one, else synthetic ({synth})",
+            "real": "the subject's T2w only", "synth": f"synthetic ({synth})", "none": "none"}[cer.t2_mode])
     elif cer.enabled:
         LOGGER.warning("cerebellar lobules skipped: %s", cer.reason)
     write_citation(config, versions)

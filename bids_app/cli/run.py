@@ -70,7 +70,8 @@ def build_config(opts, argv: list[str]):
         parcellation = SegmentationConfig(enabled=not (opts.no_seg or opts.no_parc), mc_samples=opts.mc_samples,
                                           task="parcellation",
                                           switched_off_by="--no-seg" if opts.no_seg else "--no-parc")
-        cerebellum = CerebellumConfig(enabled=not opts.no_cerebellum, mc_samples=opts.mc_samples)
+        cerebellum = CerebellumConfig(enabled=not opts.no_cerebellum, mc_samples=opts.mc_samples,
+                                      superres=not opts.no_superres, t2_mode=opts.cerebellum_t2)
     return RunConfig(
         bids_dir=bids_dir, output_dir=output_dir, analysis_level=opts.analysis_level, work_dir=work_dir,
         participant_label=strip_prefix(opts.participant_label, "sub-"),
@@ -148,7 +149,8 @@ def cerebellum_config(opts):
     from ..models.cascade import CEREBELLUM_TASKS, default_cerebellum_models, installed_tasks, select_cerebellum_models
 
     library = opts.library_dir.expanduser().resolve() if opts.library_dir else None
-    common = {"mc_samples": opts.mc_samples, "n_atlases": opts.n_atlases, "library_dir": library}
+    common = {"mc_samples": opts.mc_samples, "n_atlases": opts.n_atlases, "library_dir": library,
+              **image_models(opts)}
     if opts.no_cerebellum:
         return CerebellumConfig(enabled=False, **common)
     if opts.cerebellum_models:
@@ -166,6 +168,19 @@ def cerebellum_config(opts):
     return CerebellumConfig(enabled=True, hemisphere_checkpoints=models.hemispheres,
                             lobule_checkpoints=models.lobules, origin=origin, use_prior=models.prior,
                             prior_reason=models.reason, **common)
+
+
+def image_models(opts) -> dict:
+    """The image stages of the cerebellum branch: ``--no-superres``, ``--cerebellum-t2`` and the installed
+    super-resolution / T2-synthesis models (a stage without a model is skipped, and the report says why)."""
+    from ..models.imaging import default_image_model
+
+    superres = not opts.no_superres
+    t2_mode = opts.cerebellum_t2
+    superres_model = default_image_model("superres") if superres else None
+    t2synth_model = default_image_model("t2synth") if t2_mode in ("auto", "synth") else None
+    return {"superres": superres, "superres_checkpoint": Path(superres_model).resolve() if superres_model else None,
+            "t2_mode": t2_mode, "t2synth_checkpoint": Path(t2synth_model).resolve() if t2synth_model else None}
 
 
 def _library_status(library, template: str) -> tuple[bool, str]:

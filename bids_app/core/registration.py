@@ -1,4 +1,4 @@
-"""Affine registration to a template with ANTs (Avants et al. 2008) and applying the transform."""
+"""Affine and rigid registration with ANTs (Avants et al. 2008) and applying the transforms."""
 
 from __future__ import annotations
 
@@ -12,13 +12,11 @@ from .images import from_ants, to_ants
 LOGGER = logging.getLogger(__name__)
 
 
-def register_affine(moving, fixed, *, fixed_mask=None, random_seed: int = 42, metric: str = "mattes"):
-    """Affine (12 dof) registration of ``moving`` to ``fixed``; both nibabel images.
+def _register(moving, fixed, *, type_of_transform: str, fixed_mask=None, random_seed: int = 42,
+              metric: str = "mattes"):
+    """One ANTsPy registration of ``moving`` to ``fixed`` (nibabel images); returns the forward transform.
 
-    Staged for robustness (ANTs "TRSAA": translation, rigid, similarity, then two affine stages,
-    each multi-resolution), initialised by aligning the centres of mass. The staging matters for
-    thick-slice clinical scans, where a direct affine search can stop in a poor optimum. Returns the
-    forward transform (moving -> fixed point mapping as ANTs applies it) as an ``ANTsTransform``.
+    Initialised by aligning the centres of mass; ``metric`` is the (linear stages') similarity metric.
     """
     import ants
 
@@ -33,7 +31,7 @@ def register_affine(moving, fixed, *, fixed_mask=None, random_seed: int = 42, me
         config._random_seed = int(random_seed)
     try:
         result = ants.registration(
-            fixed=to_ants(fixed), moving=to_ants(moving), type_of_transform="TRSAA", aff_metric=metric,
+            fixed=to_ants(fixed), moving=to_ants(moving), type_of_transform=type_of_transform, aff_metric=metric,
             mask=amask, random_seed=int(random_seed), verbose=False,
         )
     finally:
@@ -44,6 +42,29 @@ def register_affine(moving, fixed, *, fixed_mask=None, random_seed: int = 42, me
     for path in paths:  # ANTsPy leaves its transforms in the temp folder
         Path(path).unlink(missing_ok=True)
     return transform
+
+
+def register_affine(moving, fixed, *, fixed_mask=None, random_seed: int = 42, metric: str = "mattes"):
+    """Affine (12 dof) registration of ``moving`` to ``fixed``; both nibabel images.
+
+    Staged for robustness (ANTs "TRSAA": translation, rigid, similarity, then two affine stages,
+    each multi-resolution), initialised by aligning the centres of mass. The staging matters for
+    thick-slice clinical scans, where a direct affine search can stop in a poor optimum. Returns the
+    forward transform (moving -> fixed point mapping as ANTs applies it) as an ``ANTsTransform``.
+    """
+    return _register(moving, fixed, type_of_transform="TRSAA", fixed_mask=fixed_mask, random_seed=random_seed,
+                     metric=metric)
+
+
+def register_rigid(moving, fixed, *, fixed_mask=None, random_seed: int = 42, metric: str = "mattes"):
+    """Rigid (6 dof) registration of ``moving`` to ``fixed`` (e.g. a T2w to the T1w of the same session).
+
+    ANTs "Rigid" (multi-resolution, centres of mass aligned first) with Mattes mutual information by
+    default, which suits two contrasts. Returns the forward transform as an ``ANTsTransform``: it
+    maps a point of ``fixed`` to the same anatomy in ``moving`` (what resampling ``moving`` needs).
+    """
+    return _register(moving, fixed, type_of_transform="Rigid", fixed_mask=fixed_mask, random_seed=random_seed,
+                     metric=metric)
 
 
 def apply_transform(transform, moving, reference, *, interpolation: str = "linear", invert: bool = False):

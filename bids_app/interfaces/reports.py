@@ -253,3 +253,41 @@ class LobuleVolumesRPT(SimpleInterface):
                             title=self.inputs.title or None)
         self._results["out_report"] = out
         return runtime
+
+
+class _ImagePairInputSpec(BaseInterfaceInputSpec):
+    first = File(exists=True, mandatory=True, desc="the image on the left (its content sets the slices)")
+    second = File(exists=True, mandatory=True, desc="the image on the right (same world space, any grid)")
+    first_label = Str("first", usedefault=True)
+    second_label = Str("second", usedefault=True)
+    title = Str("", usedefault=True)
+    detail = traits.Enum(None, "sagittal", "coronal", "axial", usedefault=True,
+                         desc="view of a zoomed detail row (None: no detail)")
+    note = Str("", usedefault=True, desc="a line under the panels (e.g. which model made the second image)")
+    qc_json = File(exists=True, desc="cerebellum QC JSON: with note_from, the line under the panels comes from it")
+    note_from = traits.Enum(None, "t2", "superres", usedefault=True,
+                            desc="the stage of the QC JSON whose sentence is the note (bids_app.reports.lobules)")
+
+
+class ImagePairRPT(SimpleInterface):
+    """Two images side by side on the same slices (e.g. the T1w crop and its super-resolved version) (SVG)."""
+
+    input_spec = _ImagePairInputSpec
+    output_spec = _ReportOutputSpec
+
+    def _run_interface(self, runtime):
+        from ..reports.reportlets import plot_image_pair
+
+        note = self.inputs.note or None
+        if self.inputs.note_from and isdefined(self.inputs.qc_json):
+            from ..reports import lobules
+
+            qc = lobules._read_json(self.inputs.qc_json)
+            line = lobules.t2_line(qc) if self.inputs.note_from == "t2" else lobules.superres_line(qc)
+            note = line or note
+        out = os.path.abspath("image_pair.svg")
+        plot_image_pair(self.inputs.first, self.inputs.second, out,
+                        labels=(self.inputs.first_label, self.inputs.second_label), title=self.inputs.title or None,
+                        detail=self.inputs.detail, note=note)
+        self._results["out_report"] = out
+        return runtime

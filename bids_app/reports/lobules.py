@@ -14,13 +14,16 @@ Names (``<source>`` = ``sub-X[_ses-Y][_acq-..][_run-..]``, ``<tpl>`` = the templ
     figures/<source>_space-<tpl>_seg-cerebellum_desc-render_dseg.png     3D-looking surface overview
     figures/<source>_seg-cerebellum_desc-volumes_dseg.svg                left/right volume bars
     figures/<source>_space-<tpl>_seg-cerebellum_desc-<x>_uncertainty.svg uncertainty map (optional)
+    figures/<source>_space-<tpl>_seg-cerebellum_desc-superres_T1w.svg    T1w crop | super-resolved (optional)
+    figures/<source>_space-<tpl>_seg-cerebellum_desc-t2_T2w.svg          T1w crop | T2w (optional)
     <label>_seg-cerebellum_report.pdf  (next to <label>.html, at the root of the output folder)
 
 QC JSON keys read besides the whole-brain ones (``Models``, ``LabelProtocol``, ``MCSamples``,
 ``Seed``, ``MeanCVPercent``, ``QCThresholdPercent``, ``QCFlag``): ``atlas_prior`` (or
 ``AtlasPrior``): ``{"used": bool, "reason": str, "library": str, "n_cases": int}`` (or a bare
-bool), and ``t2`` (or ``T2``): ``{"source": "real" | "synthetic" | "none", "file": str}`` (or a
-bare string).
+bool); ``t2`` (or ``T2``): ``"real" | "synthetic" | "none"`` with ``t2_details``: ``{"file": str,
+"model": str, "version": str, "reason": str}`` (or ``t2`` as that object with a ``source``); and
+``superres``: a bool with ``superres_details``: ``{"model", "version", "voxel_size_mm", "reason"}``.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ LOGGER = logging.getLogger(__name__)
 __all__ = [
     "SEGMENTATION", "PROTOCOL", "PDF_SUFFIX", "cerebellum_files", "figure_entities", "lobule_colors",
     "lobule_legend", "lobule_section", "lobule_pdf_path", "plot_lobule_mosaic", "plot_lobule_overview",
-    "plot_lobule_volumes", "atlas_prior_line", "t2_line", "split_name",
+    "plot_lobule_volumes", "atlas_prior_line", "t2_line", "superres_line", "split_name",
 ]
 
 #: ``seg-<label>`` of every cerebellum derivative and figure
@@ -64,6 +67,10 @@ CAPTIONS = {
                "flagged by the QC.",
     "uncertainty": "Voxel-wise uncertainty of the lobule segmentation ({desc}) over the crop: bright where the "
                    "networks disagree, normally only along the boundaries between lobules.",
+    "superres": "The T1w in the {template} cerebellum crop (left) and its x2 super-resolution (right) on the same "
+                "slices, with a zoomed detail of the middle sagittal slice. {line}",
+    "t2": "The T1w in the {template} cerebellum crop (left) and the T2w of the cerebellum branch (right) on the "
+          "same slices. {line}",
 }
 
 
@@ -96,6 +103,8 @@ def figure_entities(template: str, uncertainty_desc: str = DEFAULT_UNCERTAINTY_D
         "volumes": {**base, "desc": "volumes", "suffix": "dseg", "extension": ".svg"},
         "uncertainty": {**base, "space": template, "desc": uncertainty_desc, "suffix": "uncertainty",
                         "extension": ".svg"},
+        "superres": {**base, "space": template, "desc": "superres", "suffix": "T1w", "extension": ".svg"},
+        "t2": {**base, "space": template, "desc": "t2", "suffix": "T2w", "extension": ".svg"},
     }
 
 
@@ -328,30 +337,63 @@ def atlas_prior_line(qc: Mapping[str, Any]) -> str:
     return f"Atlas prior: not used ({reason})." if reason else "Atlas prior: not used."
 
 
+def _details(qc: Mapping[str, Any], value: Any, *keys: str) -> dict:
+    """The ``*_details`` object of a stage, updated with the stage's own value when that is an object."""
+    details = _get(qc, *keys)
+    info = dict(details) if isinstance(details, Mapping) else {}
+    if isinstance(value, Mapping):
+        info.update(value)
+    return info
+
+
+def _model(info: Mapping[str, Any]) -> str:
+    model = _get(info, "model", "Model", "name", "Name")
+    version = _get(info, "version", "Version")
+    return f"{model}{f' {version}' if version else ''}" if model else ""
+
+
 def t2_line(qc: Mapping[str, Any]) -> str | None:
-    """One sentence on the T2 image the lobule networks saw, or None when the QC JSON does not say."""
+    """One sentence on the T2w of the cerebellum branch (the subject's own, synthetic, or none and why), or
+    None when the QC JSON does not say."""
     t2 = _get(qc, "t2", "T2", "t2_source", "T2Source")
     if t2 is None:
         return None
-    file = None
-    reason = None
-    if isinstance(t2, Mapping):
-        source = _get(t2, "source", "Source", "kind", "Kind")
-        file = _get(t2, "file", "File", "path", "Path")
-        reason = _get(t2, "reason", "Reason")
-    else:
-        source = t2
+    info = _details(qc, t2, "t2_details", "T2Details")
+    source = _get(info, "source", "Source", "kind", "Kind") if isinstance(t2, Mapping) else t2
+    file = _get(info, "file", "File", "path", "Path")
+    reason = _get(info, "reason", "Reason")
+    model = _model(info)
     kind = str(source or "").strip().lower()
     name = Path(str(file)).name if file else None
     if kind in ("real", "acquired", "measured", "t2w", "input"):
-        text = f"T2: the subject's own T2w{f' ({name})' if name else ''}, registered to the T1w"
+        text = f"T2: the subject's T2w{f' {name}' if name else ''}, rigidly registered to the T1w"
     elif kind in ("synthetic", "synth", "synthesised", "synthesized", "predicted"):
-        text = f"T2: synthetic, predicted from the T1w{f' ({name})' if name else ''}"
+        text = f"T2: synthetic T2w from the T1w{f' by {model}' if model else ''}{f' ({name})' if name else ''}"
     elif kind in ("none", "no", "false", ""):
-        text = "T2: none used"
+        text = "T2: not run" if reason else "T2: none used"
     else:
         text = f"T2: {source}{f' ({name})' if name else ''}"
     return text + (f" ({reason})." if reason else ".")
+
+
+def superres_line(qc: Mapping[str, Any]) -> str | None:
+    """One sentence on the x2 super-resolution of the crop (model, voxel size, or why it did not run), or None
+    when the QC JSON does not say."""
+    superres = _get(qc, "superres", "SuperResolution")
+    if superres is None:
+        return None
+    info = _details(qc, superres, "superres_details", "SuperResolutionDetails")
+    used = _get(info, "used", "Used") if isinstance(superres, Mapping) else superres
+    if not used or str(used).lower() in ("false", "no", "none"):
+        reason = _get(info, "reason", "Reason")
+        return f"Super-resolution: not run ({reason})." if reason else "Super-resolution: not run."
+    voxel = _get(info, "voxel_size_mm", "VoxelSizeMM")
+    size = ""
+    if isinstance(voxel, (list, tuple)) and voxel:
+        values = sorted({round(float(v), 3) for v in voxel})
+        size = f" ({values[0]:g} mm)" if len(values) == 1 else f" ({' x '.join(f'{float(v):g}' for v in voxel)} mm)"
+    model = _model(info)
+    return f"Super-resolution: the T1w crop x2{size}{f' by {model}' if model else ''}."
 
 
 def _qc_sentence(qc: Mapping[str, Any]) -> str:
@@ -444,9 +486,10 @@ def lobule_section(output_dir: str | os.PathLike, source_file: str | os.PathLike
     (lobule ``dseg``, ``_morph.tsv`` or QC JSON) exists for ``source_file``.
 
     Keys (the section schema of :func:`bids_app.reports.report.render_subject_report`): ``title``,
-    ``kind`` ("lobules"), ``description``, ``notes`` (atlas prior, T2, totals), ``reportlets``
-    (overview, mosaic, volumes, uncertainty: those that exist), ``table`` (None without a
-    ``_morph.tsv``), and ``qc_flag``, ``n_flagged``, ``atlas_prior``, ``t2`` for the PDF.
+    ``kind`` ("lobules"), ``description``, ``notes`` (atlas prior, T2, super-resolution, totals),
+    ``reportlets`` (overview, mosaic, volumes, uncertainty, T1w | super-resolved T1w, T1w | T2w:
+    those that exist), ``table`` (None without a ``_morph.tsv``), and ``qc_flag``, ``n_flagged``,
+    ``atlas_prior``, ``t2``, ``superres`` for the PDF.
     """
     if not source_file:
         return None
@@ -475,6 +518,13 @@ def lobule_section(output_dir: str | os.PathLike, source_file: str | os.PathLike
         desc = re.search(r"_desc-([a-zA-Z0-9]+)_", file.name)
         reportlets.append({"path": (Path(pattern).parent / file.name).as_posix(),
                            "caption": CAPTIONS["uncertainty"].format(desc=desc.group(1) if desc else "map")})
+    t2 = t2_line(qc)
+    superres = superres_line(qc)
+    for key, line in (("superres", superres), ("t2", t2)):
+        rel = derivative_path({**ents, **figures[key]})
+        if (output_dir / rel).is_file():
+            reportlets.append({"path": rel, "caption": CAPTIONS[key].format(template=template, line=line or "")
+                               .strip()})
     description = "Cerebellar lobules (CERES/DeepCERES protocol after Park et al. 2014: 13 structures per side) " \
                   f"segmented in the {template} cerebellum crop."
     qc_text = _qc_sentence(qc)
@@ -483,9 +533,7 @@ def lobule_section(output_dir: str | os.PathLike, source_file: str | os.PathLike
     elif not files["qc"].is_file():
         description += " No QC file was found."
     notes = [atlas_prior_line(qc)]
-    t2 = t2_line(qc)
-    if t2:
-        notes.append(t2)
+    notes += [line for line in (t2, superres) if line]
     totals = _totals(rows)
     if totals:
         notes.append(totals)
@@ -496,5 +544,5 @@ def lobule_section(output_dir: str | os.PathLike, source_file: str | os.PathLike
     return {
         "title": "Cerebellar lobules", "kind": "lobules", "description": description, "notes": notes,
         "reportlets": reportlets, "table": table, "qc_flag": str(qc.get("QCFlag") or "n/a"), "n_flagged": n_flagged,
-        "atlas_prior": notes[0], "t2": t2,
+        "atlas_prior": notes[0], "t2": t2, "superres": superres,
     }

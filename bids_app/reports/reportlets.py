@@ -46,6 +46,7 @@ __all__ = [
     "plot_crop_box",
     "plot_group_strip",
     "plot_group_structures",
+    "plot_image_pair",
     "plot_label_overlay",
     "plot_label_render",
     "plot_map",
@@ -502,16 +503,20 @@ class _Mosaic:
         rows = self.row_heights(width_in)
         return sum(rows) + _ROW_GAP_IN * (len(rows) - 1)
 
-    def draw(self, fig, top_in: float, fig_h_in: float, width_in: float, gid: str, letters: bool = True) -> None:
+    def draw(self, fig, top_in: float, fig_h_in: float, width_in: float, gid: str, letters: bool = True,
+             left_in: float = 0.0, fig_w_in: float | None = None) -> None:
+        """Draw the rows from ``top_in`` down, in a column ``width_in`` wide starting ``left_in`` from the left
+        edge of a figure ``fig_w_in`` wide (default: the column is the whole figure)."""
         n = max(len(c) for c in self.cuts.values())
         panel_w = (width_in - _MARGIN_LEFT_IN - _MARGIN_RIGHT_IN - _GAP_IN * (n - 1)) / n
+        fig_w = float(fig_w_in or width_in)
         lo, hi = self.window
         y = top_in
         for r, (view, row_h) in enumerate(zip(self.views, self.row_heights(width_in))):
             fixed, h, v = _VIEW_AXES[view]
             bottom = (fig_h_in - y - row_h) / fig_h_in
             fig.text(
-                (_MARGIN_LEFT_IN * 0.45) / width_in,
+                (left_in + _MARGIN_LEFT_IN * 0.45) / fig_w,
                 bottom + row_h / fig_h_in / 2,
                 view,
                 rotation=90,
@@ -522,8 +527,8 @@ class _Mosaic:
                 gid=f"{gid}-rowlabel-{r}",
             )
             for c, idx in enumerate(self.cuts[view]):
-                left = (_MARGIN_LEFT_IN + c * (panel_w + _GAP_IN)) / width_in
-                ax = fig.add_axes((left, bottom, panel_w / width_in, row_h / fig_h_in))
+                left = (left_in + _MARGIN_LEFT_IN + c * (panel_w + _GAP_IN)) / fig_w
+                ax = fig.add_axes((left, bottom, panel_w / fig_w, row_h / fig_h_in))
                 ax.set_gid(f"{gid}-{view}-{c}")
                 _style_axes(ax)
                 extent = self.vol.extent(view)
@@ -826,6 +831,96 @@ def plot_before_after(
     m0 = _make_mosaic(vol0, n_cuts=n_cuts, views=views, contours=conts, bbox_data=bbox_data)
     m1 = _Mosaic(vol=vol1, window=_robust_window(vol1.data), views=m0.views, cuts=m0.cuts, crop=m0.crop, contours=conts)
     return _write_flicker(m0, m1, out_file, labels, title)
+
+
+# ------------------------------------------------------------------------ image pairs
+def _same_slices(mosaic: _Mosaic, vol: _Volume) -> _Mosaic:
+    """A mosaic of ``vol`` (any grid of the same world space) cut at the world positions of ``mosaic``'s
+    slices and showing the same world region."""
+    cuts = {view: [vol.index_of(_VIEW_AXES[view][0], float(mosaic.vol.coords[_VIEW_AXES[view][0]][i]))
+                   for i in idx] for view, idx in mosaic.cuts.items()}
+    return _Mosaic(vol=vol, window=_robust_window(vol.data), views=mosaic.views, cuts=cuts, crop=list(mosaic.crop),
+                   contours=[])
+
+
+def _detail(mosaic: _Mosaic, view: str, fraction: float) -> _Mosaic:
+    """One panel of ``mosaic``: its middle ``view`` slice, zoomed on a square of ``fraction`` of the smaller
+    side of the shown region, around its centre."""
+    fixed, h, v = _VIEW_AXES[view]
+    cuts = mosaic.cuts[view]
+    side = fraction * min(mosaic.crop[h][1] - mosaic.crop[h][0], mosaic.crop[v][1] - mosaic.crop[v][0])
+    crop = list(mosaic.crop)
+    for axis in (h, v):
+        centre = (mosaic.crop[axis][0] + mosaic.crop[axis][1]) / 2.0
+        crop[axis] = (centre - side / 2.0, centre + side / 2.0)
+    return _Mosaic(vol=mosaic.vol, window=mosaic.window, views=(view,), cuts={view: [cuts[len(cuts) // 2]]},
+                   crop=crop, contours=[])
+
+
+def plot_image_pair(
+    first: Any,
+    second: Any,
+    out_file: str | os.PathLike,
+    *,
+    labels: Sequence[str] = ("first", "second"),
+    n_cuts: int = 3,
+    views: Sequence[str] = VIEWS,
+    title: str | None = None,
+    bbox_from: Any = None,
+    detail: str | None = None,
+    detail_fraction: float = 0.3,
+    note: str | None = None,
+) -> Path:
+    """Two images of the same world space side by side (``first`` left, ``second`` right), on the same slices.
+
+    The slices are spread over the content of ``first`` (or the bounding box of ``bbox_from``); the
+    ``second`` image keeps its own grid (e.g. a finer one: it is not resampled, its slices are the
+    nearest to the same world positions) and its own intensity window. With ``detail`` (a view), a
+    row of two zoomed panels follows: the middle slice of that view, ``detail_fraction`` of the
+    region wide, to compare fine detail voxel by voxel. ``note``: a line above the footer.
+    """
+    out_file = Path(out_file)
+    _fmt(out_file)
+    if len(labels) != 2:
+        raise ValueError("labels must be a pair (first, second)")
+    if detail is not None and detail not in _VIEW_AXES:
+        raise ValueError(f"unknown detail view {detail!r}; expected one of {VIEWS}")
+    vol0 = _volume(first)
+    vol1 = _volume(second)
+    bbox_data = _on_grid(bbox_from, vol0, order=0) if bbox_from is not None else None
+    m0 = _make_mosaic(vol0, n_cuts=n_cuts, views=views, contours=[], bbox_data=bbox_data)
+    m1 = _same_slices(m0, vol1)
+    half = _FIG_WIDTH_IN / 2.0
+    lab_h = 0.26
+    top = (_TITLE_IN if title else 0.08) + lab_h
+    height = max(m0.height(half), m1.height(half))
+    pairs = [(m0, m1, top, "pair-first", "pair-second")]
+    fig_h = top + height
+    zoom_w = 0.0
+    if detail is not None:
+        d0, d1 = _detail(m0, detail, detail_fraction), _detail(m1, detail, detail_fraction)
+        zoom_w = min(half - 0.6, 2.6)
+        fig_h += 0.1 + lab_h
+        pairs.append((d0, d1, fig_h, "detail-first", "detail-second"))
+        fig_h += max(d0.height(zoom_w), d1.height(zoom_w))
+    note_h = 0.22 if note else 0.0
+    fig_h += note_h + _FOOTER_IN
+    fig = _new_figure(_FIG_WIDTH_IN, fig_h)
+    _header(fig, fig_h, title, [])
+    for k, (a, b, y, gid_a, gid_b) in enumerate(pairs):
+        width = half if k == 0 else zoom_w
+        for col, (mosaic, label, gid) in enumerate(((a, labels[0], gid_a), (b, labels[1], gid_b))):
+            x0 = col * half + (0.0 if k == 0 else (half - zoom_w) / 2.0)
+            text = label if k == 0 else f"{label}: detail ({detail}, zoomed)"
+            fig.text((x0 + _MARGIN_LEFT_IN) / _FIG_WIDTH_IN, 1 - (y - lab_h + 0.04) / fig_h, text, ha="left",
+                     va="top", color=FG, fontsize=_FONT + 1, fontweight="bold" if k == 0 else "normal",
+                     gid=f"{gid}-label")
+            mosaic.draw(fig, y, fig_h, width, gid=gid, letters=k == 0, left_in=x0, fig_w_in=_FIG_WIDTH_IN)
+    if note:
+        fig.text(_MARGIN_LEFT_IN / _FIG_WIDTH_IN, (_FOOTER_IN + 0.04) / fig_h, note, ha="left", va="bottom",
+                 color=MUTED, fontsize=_FONT, gid="pair-note")
+    _footer(fig, fig_h)
+    return _write_figure(fig, out_file)
 
 
 # --------------------------------------------------------------------- registration

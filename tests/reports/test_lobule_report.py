@@ -246,7 +246,7 @@ def test_atlas_prior_line(qc, expected):
 def test_t2_line():
     assert lob.t2_line({}) is None
     assert lob.t2_line({"t2": {"source": "real", "file": "/bids/sub-01/anat/sub-01_T2w.nii.gz"}}) == \
-        "T2: the subject's own T2w (sub-01_T2w.nii.gz), registered to the T1w."
+        "T2: the subject's T2w sub-01_T2w.nii.gz, rigidly registered to the T1w."
     assert lob.t2_line({"T2": "synthetic"}).startswith("T2: synthetic")
 
 

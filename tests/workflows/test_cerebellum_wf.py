@@ -416,9 +416,15 @@ def test_phantom_run_writes_the_cerebellum_derivatives(cer, tmp_path, phantom_te
     from bids_app.cli.run import main
     from bids_app.core.phantom import write_demo_dataset
 
+    from tests.conftest import tiny_image_checkpoint
+
     monkeypatch.delenv("ARBORSEG_LIBRARY_DIR", raising=False)
     bids = write_demo_dataset(tmp_path / "bids", n_subjects=1, voxel_size=3.0, seed=5)
     models = tmp_path / "models"
+    image_models = tmp_path / "image-models"  # installed: super-resolution by default, T2 synthesis not needed
+    tiny_image_checkpoint(image_models / "phantom-superres", task="superres", seed=6)
+    tiny_image_checkpoint(image_models / "phantom-t2synth", task="t2synth", seed=7)
+    monkeypatch.setenv("ARBORSEG_MODELS_DIR", str(image_models))
     ckpts = [tiny_cerebellum_checkpoint(models / "phantom-hemi", task=HEMISPHERES_TASK, voxel_size_mm=2.0, seed=1),
              tiny_cerebellum_checkpoint(models / "phantom-hemi-dpn", task=HEMISPHERES_TASK, arch="dpn",
                                         voxel_size_mm=4.0, seed=2),
@@ -462,8 +468,262 @@ def test_phantom_run_writes_the_cerebellum_derivatives(cer, tmp_path, phantom_te
     assert "cerebellum" in {r["stage"] for r in record["runtimes"]}
     from workflows.cerebellum import REPORTS_MODULE, module_available
 
+    # the image stages: the crop super-resolved, the phantom's own T2w registered onto the crop (auto)
+    sr = nb.load(str(anat / f"{stem}space-ArborSegPhantom_res-hi_desc-superres_T1w.nii.gz"))
+    assert sr.shape == tuple(2 * n for n in crop.shape)
+    np.testing.assert_allclose(nb.affines.voxel_sizes(sr.affine), nb.affines.voxel_sizes(crop.affine) / 2)
+    t2 = nb.load(str(anat / f"{stem}space-ArborSegPhantom_desc-cerebellum_T2w.nii.gz"))
+    assert t2.shape == crop.shape and np.allclose(t2.affine, crop.affine)
+    t2_data, crop_data = np.asarray(t2.dataobj), np.asarray(crop.dataobj)
+    assert (t2_data[crop_data == 0] == 0).all() and abs(np.percentile(t2_data[crop_data > 0], 99) - 1) < 0.05
+    t2_meta = json.loads((anat / f"{stem}space-ArborSegPhantom_desc-cerebellum_T2w.json").read_text())
+    assert t2_meta["Sources"][0] == "bids:raw:sub-phantom01/anat/sub-phantom01_T2w.nii.gz"
+    assert (anat / f"{stem}from-T2w_to-T1w_mode-image_xfm.mat").is_file()
+    assert not list(anat.glob("*desc-synth_T2w*"))
+    assert qc["superres"] is True and qc["superres_details"]["model"] == "phantom-superres"
+    assert qc["t2"] == "real" and qc["t2_details"]["file"] == "sub-phantom01_T2w.nii.gz"
+    assert max(abs(v) for v in qc["t2_details"]["TranslationMM"]) < 6.0  # the phantom's T2w shares its anatomy
     if module_available(REPORTS_MODULE):
         figures = out / "sub-phantom01" / "figures"
         for name in ("space-ArborSegPhantom_seg-cerebellum_dseg.svg", "seg-cerebellum_desc-volumes_dseg.svg",
-                     "space-ArborSegPhantom_seg-cerebellum_desc-entropy_uncertainty.svg"):
+                     "space-ArborSegPhantom_seg-cerebellum_desc-entropy_uncertainty.svg",
+                     "space-ArborSegPhantom_seg-cerebellum_desc-superres_T1w.svg",
+                     "space-ArborSegPhantom_seg-cerebellum_desc-t2_T2w.svg"):
             assert (figures / f"sub-phantom01_{name}").is_file(), name
+        html = (out / "sub-phantom01.html").read_text()
+        assert "T2: the subject&#39;s T2w sub-phantom01_T2w.nii.gz, rigidly registered to the T1w." in html
+        assert "Super-resolution: the T1w crop x2" in html
+
+
+# --------------------------------------------------------------------------- image stages (super-resolution, T2)
+
+
+@pytest.fixture(scope="module")
+def image_models(cer):
+    from tests.conftest import tiny_image_checkpoint
+
+    models = cer["root"] / "image-models"
+    return {"superres": tiny_image_checkpoint(models / "tiny-superres", task="superres", seed=1),
+            "t2synth": tiny_image_checkpoint(models / "tiny-t2synth", task="t2synth", seed=2)}
+
+
+@pytest.mark.parametrize("mode, has_t2w, synth, expected", [
+    ("auto", True, True, "real"), ("auto", False, True, "synthetic"), ("auto", False, False, "none"),
+    ("real", True, True, "real"), ("real", False, True, "none"), ("synth", True, True, "synthetic"),
+    ("synth", False, False, "none"), ("none", True, True, "none"),
+])
+def test_t2_source_resolution(mode, has_t2w, synth, expected):
+    from bids_app.config import resolve_t2_source
+
+    source, reason = resolve_t2_source(mode, has_t2w=has_t2w, synth_available=synth)
+    assert source == expected
+    if expected == "none":
+        assert reason  # always says why
+    if mode == "real" and not has_t2w:
+        assert "no T2w" in reason
+    with pytest.raises(ValueError, match="unknown T2 mode"):
+        resolve_t2_source("t2", has_t2w=True, synth_available=True)
+
+
+def test_image_options_and_config(cer, image_models, tmp_path, monkeypatch, no_package_models):
+    from bids_app.cli.run import build_config
+
+    opts = _parse()
+    assert not opts.no_superres and opts.cerebellum_t2 == "auto"
+    assert _parse("--no-superres", "--cerebellum-t2", "synth").cerebellum_t2 == "synth"
+    with pytest.raises(SystemExit):
+        _parse("--cerebellum-t2", "t1")
+    monkeypatch.delenv("ARBORSEG_LIBRARY_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bids").mkdir()
+    models = [cer["hemi"], cer["lob"]]
+
+    def config(*extra):
+        return build_config(_parse("--cerebellum-models", *models, *extra), [])[0].cerebellum
+
+    monkeypatch.setenv("ARBORSEG_MODELS_DIR", str(tmp_path / "none"))
+    bare = config()  # no image model installed: both stages skipped, and why
+    assert not bare.superres_active and "no super-resolution model" in bare.superres_reason
+    assert bare.t2_source(has_t2w=False)[0] == "none" and bare.t2_source(has_t2w=True)[0] == "real"
+    monkeypatch.setenv("ARBORSEG_MODELS_DIR", str(image_models["superres"].parent))
+    cfg = config()
+    assert cfg.superres_active and cfg.superres_checkpoint == image_models["superres"].resolve()
+    assert cfg.t2synth_checkpoint == image_models["t2synth"].resolve() and cfg.t2_mode == "auto"
+    assert cfg.t2_source(has_t2w=False) == ("synthetic", "the subject has no T2w")
+    off = config("--no-superres", "--cerebellum-t2", "none")
+    assert not off.superres_active and off.superres_reason == "switched off with --no-superres"
+    assert off.t2_source(has_t2w=True) == ("none", "switched off with --cerebellum-t2 none")
+    assert "t2_mode" in build_config(_parse("--cerebellum-models", *models), [])[0].to_toml()
+
+
+def _image_subject_wf(cer, image_models, tmp_path, *, t2w=None, **kwargs):
+    from bids_app.bids import AnatInputs
+    from bids_app.config import CerebellumConfig, PreprocConfig
+    from bids_app.resources import TemplateFiles
+    from workflows.base import init_single_subject_wf
+
+    template = TemplateFiles(name="Fake", target=cer["crop"], reference=cer["crop"], brain_mask=cer["crop"])
+    config = CerebellumConfig(hemisphere_checkpoints=(cer["hemi"],), lobule_checkpoints=(cer["lob"],), mc_samples=3,
+                              prior_reason="no cerebellum library given", superres_checkpoint=image_models["superres"],
+                              t2synth_checkpoint=image_models["t2synth"], **kwargs)
+    return init_single_subject_wf(inputs=AnatInputs(subject="01", session=None, t1w=cer["raw"], t2w=t2w),
+                                  bids_dir=cer["root"], output_dir=tmp_path / "out", template=template,
+                                  preproc=PreprocConfig(), omp_nthreads=2, random_seed=7, cerebellum=config,
+                                  device="cpu", name="sub_01_wf")
+
+
+def _names(wf) -> set[str]:
+    return {n.fullname.removeprefix("sub_01_wf.") for n in _flat(wf)}
+
+
+def _mandatory_missing(wf) -> list[str]:
+    connected = _connected(wf)
+    return [f"{node.fullname}.{field}" for node in _flat(wf) for field in node.inputs.copyable_trait_names()
+            if node.inputs.trait(field).mandatory and not isdefined(getattr(node.inputs, field))
+            and field not in connected.get(node.fullname, set())]
+
+
+def test_image_stages_are_in_the_graph_by_default(cer, image_models, tmp_path):
+    from workflows.cerebellum import REPORTS_MODULE, module_available
+
+    wf = _image_subject_wf(cer, image_models, tmp_path)  # no T2w: auto -> synthetic
+    names = _names(wf)
+    assert {"cerebellum_wf.superres", "cerebellum_wf.t2_synth", "cerebellum_wf.qc_images"} <= names
+    assert "cerebellum_wf.t2_register" not in names
+    sr = wf.get_node("cerebellum_wf.superres")
+    assert sr.inputs.checkpoint == str(image_models["superres"]) and sr.inputs.device == "cpu"
+    assert (sr.inputs.num_threads, sr.n_procs) == (2, 2)
+    assert wf.get_node("cerebellum_wf.t2_synth").inputs.checkpoint == str(image_models["t2synth"])
+    qc = wf.get_node("cerebellum_wf.qc_images")
+    assert qc.inputs.t2_source == "synthetic" and qc.inputs.t2_reason == "the subject has no T2w"
+    connected = _connected(wf)
+    assert {"qc_json", "superres_json", "t2_json"} <= connected["sub_01_wf.cerebellum_wf.qc_images"]
+    sinks = {n.fullname.rsplit(".", 1)[1]: n for n in _flat(wf)
+             if n.fullname.startswith("sub_01_wf.cerebellum_image_derivatives_wf.ds_")}
+    assert set(sinks) == {"ds_superres", "ds_t2w"}
+    assert sinks["ds_superres"].inputs.entities == {"space": "Fake", "res": "hi", "desc": "superres", "suffix": "T1w"}
+    assert sinks["ds_t2w"].inputs.entities == {"space": "Fake", "desc": "synth", "suffix": "T2w"}
+    assert sinks["ds_superres"].inputs.meta_dict["Model"] == {"Name": "tiny-superres", "Version": "0.0.1",
+                                                             "Task": "superres"}
+    assert sinks["ds_t2w"].inputs.meta_dict["Model"]["Name"] == "tiny-t2synth"
+    if module_available(REPORTS_MODULE):
+        assert {"cerebellum_reports_wf.superres_rpt", "cerebellum_reports_wf.t2_rpt"} <= names
+        assert {"first", "second", "qc_json"} <= connected["sub_01_wf.cerebellum_reports_wf.superres_rpt"]
+    assert _mandatory_missing(wf) == []
+
+
+def test_auto_registers_the_real_t2w(cer, image_models, tmp_path):
+    t2w = cer["root"] / "sub-01_T2w.nii.gz"
+    t2w.write_bytes(cer["raw"].read_bytes())
+    wf = _image_subject_wf(cer, image_models, tmp_path, t2w=t2w)
+    names = _names(wf)
+    assert "cerebellum_wf.t2_register" in names and "cerebellum_wf.t2_synth" not in names
+    reg = wf.get_node("cerebellum_wf.t2_register")
+    assert (reg.inputs.random_seed, reg.inputs.num_threads) == (7, 2)
+    assert wf.get_node("cerebellum_wf.inputnode").inputs.t2w == str(t2w)
+    connected = _connected(wf)
+    assert connected["sub_01_wf.cerebellum_wf.t2_register"] == {"t2w_file", "t1w_file", "crop_file",
+                                                                "forward_transform"}
+    assert {"forward_transform", "cerebellum_crop"} <= connected["sub_01_wf.cerebellum_wf.inputnode"]
+    assert wf.get_node("cerebellum_wf.qc_images").inputs.t2_source == "real"
+    sinks = {n.fullname.rsplit(".", 1)[1]: n for n in _flat(wf)
+             if n.fullname.startswith("sub_01_wf.cerebellum_image_derivatives_wf.ds_")}
+    assert sinks["ds_t2w"].inputs.entities == {"space": "Fake", "desc": "cerebellum", "suffix": "T2w"}
+    assert sinks["ds_t2w"].inputs.sources[0] == "bids:raw:sub-01_T2w.nii.gz"
+    assert sinks["ds_t2w_xfm"].inputs.entities == {"from": "T2w", "to": "T1w", "mode": "image", "suffix": "xfm"}
+    assert _mandatory_missing(wf) == []
+    # synth: the synthetic one even with a T2w; real without a T2w: no T2 stage
+    assert "cerebellum_wf.t2_synth" in _names(_image_subject_wf(cer, image_models, tmp_path, t2w=t2w,
+                                                                t2_mode="synth"))
+    assert not {n for n in _names(_image_subject_wf(cer, image_models, tmp_path, t2_mode="real"))
+                if n.startswith("cerebellum_wf.t2_")}
+
+
+def test_switched_off_image_stages_leave_the_graph(cer, image_models, tmp_path):
+    wf = _image_subject_wf(cer, image_models, tmp_path, superres=False, t2_mode="none")
+    names = _names(wf)
+    assert not {n for n in names if n.split(".")[-1] in ("superres", "t2_synth", "t2_register", "superres_rpt",
+                                                          "t2_rpt")}
+    assert not any(n.startswith("cerebellum_image_derivatives_wf") for n in names)
+    qc = wf.get_node("cerebellum_wf.qc_images")
+    assert qc.inputs.superres_reason == "switched off with --no-superres"
+    assert qc.inputs.t2_source == "none" and qc.inputs.t2_reason == "switched off with --cerebellum-t2 none"
+    assert _mandatory_missing(wf) == []
+
+
+def test_image_qc_merges_the_stages(tmp_path, monkeypatch):
+    from workflows.cerebellum import _image_qc
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "in").mkdir()
+    qc = tmp_path / "in" / "qc.json"
+    qc.write_text(json.dumps({"Task": "cerebellum", "QCFlag": "pass"}))
+    sr = tmp_path / "in" / "sr.json"
+    sr.write_text(json.dumps({"model": "m-sr", "version": "1.0", "voxel_size_mm": [0.5] * 3, "shape": [4, 4, 4],
+                              "seconds": 1.0, "device": "cpu"}))
+    t2 = tmp_path / "in" / "t2.json"
+    t2.write_text(json.dumps({"source": "real", "file": "sub-01_T2w.nii.gz", "TranslationMM": [1, 2, 3],
+                              "RotationDegrees": 1.5}))
+    data = json.loads(Path(_image_qc(str(qc), "real", "", "", superres_json=str(sr), t2_json=str(t2))).read_text())
+    assert data["QCFlag"] == "pass" and data["superres"] is True and data["t2"] == "real"
+    assert data["superres_details"] == {"used": True, "reason": "", "model": "m-sr", "version": "1.0",
+                                        "voxel_size_mm": [0.5] * 3, "shape": [4, 4, 4], "seconds": 1.0}
+    assert data["t2_details"]["file"] == "sub-01_T2w.nii.gz" and data["t2_details"]["TranslationMM"] == [1, 2, 3]
+    off = json.loads(Path(_image_qc(str(qc), "none", "switched off with --cerebellum-t2 none",
+                                    "switched off with --no-superres")).read_text())
+    assert off["superres"] is False and off["superres_details"]["reason"] == "switched off with --no-superres"
+    assert off["t2"] == "none" and off["t2_details"] == {"source": "none",
+                                                         "reason": "switched off with --cerebellum-t2 none"}
+
+
+def test_branch_with_image_stages_runs_and_writes_derivatives(cer, image_models, tmp_path):
+    """Cascade + super-resolution + synthetic T2w -> derivatives (names, grids, sidecars) and the QC JSON keys."""
+    from nipype.pipeline import engine as pe
+
+    from workflows.cerebellum import (
+        CEREBELLUM_DERIVATIVES,
+        image_model_info,
+        init_cerebellum_derivatives_wf,
+        init_cerebellum_image_derivatives_wf,
+        init_cerebellum_wf,
+    )
+
+    cer_wf = init_cerebellum_wf(hemisphere_checkpoints=[str(cer["hemi"])], lobule_checkpoints=[str(cer["lob"])],
+                                mc_samples=2, seed=3, device="cpu", superres=True,
+                                superres_checkpoint=str(image_models["superres"]), t2_source="synthetic",
+                                t2_reason="the subject has no T2w", t2synth_checkpoint=str(image_models["t2synth"]))
+    out = tmp_path / "out"
+    der_wf = init_cerebellum_derivatives_wf(output_dir=str(out), source_file=str(cer["raw"]), source_uri="bids:raw:x",
+                                            template="MNI152NLin6Asym", mc_samples=2)
+    img_wf = init_cerebellum_image_derivatives_wf(
+        output_dir=str(out), source_file=str(cer["raw"]), template="MNI152NLin6Asym", superres=True,
+        t2_source="synthetic", superres_model=image_model_info(image_models["superres"]),
+        t2synth_model=image_model_info(image_models["t2synth"]))
+    wf = pe.Workflow(name="image_test", base_dir=str(tmp_path / "work"))
+    wf.connect([
+        (cer_wf, der_wf, [(f"outputnode.{f}", f"inputnode.{f}") for f in CEREBELLUM_DERIVATIVES]),
+        (cer_wf, img_wf, [("outputnode.superres_crop", "inputnode.superres_crop"),
+                          ("outputnode.t2w_crop", "inputnode.t2w_crop")]),
+    ])
+    node = cer_wf.get_node("inputnode")
+    node.inputs.cerebellum_crop = str(cer["crop"])
+    node.inputs.source_file = str(cer["raw"])
+    node.inputs.inverse_transform = str(cer["identity"])
+    wf.run(plugin="Linear")
+    anat = out / "sub-01" / "anat"
+    sr = nb.load(str(anat / "sub-01_space-MNI152NLin6Asym_res-hi_desc-superres_T1w.nii.gz"))
+    assert sr.shape == tuple(2 * n for n in cer["shape"])
+    np.testing.assert_allclose(nb.affines.voxel_sizes(sr.affine), 0.5)
+    t2 = nb.load(str(anat / "sub-01_space-MNI152NLin6Asym_desc-synth_T2w.nii.gz"))
+    assert t2.shape == cer["shape"] and np.allclose(t2.affine, cer["affine"])
+    meta = json.loads((anat / "sub-01_space-MNI152NLin6Asym_res-hi_desc-superres_T1w.json").read_text())
+    assert meta["Model"]["Name"] == "tiny-superres" and meta["Description"] and meta["Resolution"].startswith("hi")
+    assert meta["Sources"] == ["bids::sub-01/anat/sub-01_space-MNI152NLin6Asym_desc-cerebellum_T1w.nii.gz"]
+    meta = json.loads((anat / "sub-01_space-MNI152NLin6Asym_desc-synth_T2w.json").read_text())
+    assert meta["Model"]["Version"] == "0.0.1" and "Synthetic T2w" in meta["Description"]
+    qc = json.loads((anat / "sub-01_seg-cerebellum_qc.json").read_text())
+    assert qc["superres"] is True and qc["superres_details"]["model"] == "tiny-superres"
+    assert qc["superres_details"]["voxel_size_mm"] == [0.5, 0.5, 0.5]
+    assert qc["t2"] == "synthetic" and qc["t2_details"]["model"] == "tiny-t2synth"
+    assert qc["t2_details"]["reason"] == "the subject has no T2w" and qc["Sources"]
+    assert qc["Task"] == "cerebellum"  # the cascade's own keys are kept
