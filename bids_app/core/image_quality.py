@@ -34,6 +34,14 @@ def mae(pred: np.ndarray, ref: np.ndarray, mask: np.ndarray | None = None) -> fl
     return float(np.mean(np.abs(p - r)))
 
 
+def correlation(pred: np.ndarray, ref: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """Pearson correlation (scale- and offset-free: a contrast that is right up to a linear map scores 1)."""
+    p, r = _masked(pred, ref, mask)
+    if p.std() == 0 or r.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(p, r)[0, 1])
+
+
 def psnr(pred: np.ndarray, ref: np.ndarray, mask: np.ndarray | None = None, *, data_range: float = 1.0) -> float:
     """Peak signal-to-noise ratio in dB, ``10 log10(range^2 / MSE)`` (inf for identical images)."""
     p, r = _masked(pred, ref, mask)

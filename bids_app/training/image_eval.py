@@ -39,7 +39,7 @@ import nibabel as nib
 import numpy as np
 
 from bids_app.atomic import atomic_output
-from bids_app.core.image_quality import mae, psnr, ssim
+from bids_app.core.image_quality import correlation, mae, psnr, ssim
 from bids_app.core.superres import block_mean, degrade, interpolate
 
 from .imagetasks import FOLD0_TEST, kmeans_tissues
@@ -199,10 +199,11 @@ def eval_t2synth(templateflow: Path, templates_extra: Path, bids_dir: Path | Non
         seconds = time.perf_counter() - t0
         for method, img in (("network", synth), ("per-tissue mapping", tissue_mapping(t1, t1 > 0, stats))):
             rows.append({"test": name, "method": method, "mae": mae(img, t2, mask), "psnr_db": psnr(img, t2, mask),
-                         "ssim": ssim(img, t2, mask), "voxels": int(mask.sum()),
+                         "ssim": ssim(img, t2, mask), "correlation": correlation(img, t2, mask),
+                         "voxels": int(mask.sum()),
                          "seconds": round(seconds, 3) if method == "network" else 0.0})
-            log.info("%s %s: MAE %.4f PSNR %.2f SSIM %.4f", name, method, rows[-1]["mae"], rows[-1]["psnr_db"],
-                     rows[-1]["ssim"])
+            log.info("%s %s: MAE %.4f PSNR %.2f SSIM %.4f r %.3f", name, method, rows[-1]["mae"],
+                     rows[-1]["psnr_db"], rows[-1]["ssim"], rows[-1]["correlation"])
     summary = {"model": manifest["name"], "units": "T2w / its 99th percentile inside the brain",
                "tissue_intensities": stats, "results": rows}
     _write(out_dir, "results.tsv", _tsv(rows))
@@ -300,7 +301,7 @@ def _manifest_metrics(what: str, summary: dict) -> dict:
             for m in ("psnr_db", "ssim", "lobule_dice")}}
     return {"units": summary["units"], **{
         f"{r['test'].split(' ')[0]}_{r['method'].replace(' ', '-')}_{m}": round(r[m], 4)
-        for r in summary["results"] for m in ("mae", "psnr_db", "ssim")}}
+        for r in summary["results"] for m in ("mae", "psnr_db", "ssim", "correlation")}}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -74,3 +74,13 @@ def ndimage_smooth(a):
     from scipy import ndimage
 
     return ndimage.gaussian_filter(a, 1.5)
+
+
+def test_correlation_is_scale_free():
+    from bids_app.core.image_quality import correlation
+
+    rng = np.random.default_rng(4)
+    ref = rng.random((6, 6, 6))
+    assert correlation(2 * ref + 1, ref) == pytest.approx(1.0)
+    assert correlation(-ref, ref) == pytest.approx(-1.0)
+    assert np.isnan(correlation(np.ones_like(ref), ref))

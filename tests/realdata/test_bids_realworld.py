@@ -130,3 +130,35 @@ def test_cerebellum_branch_is_sensible(realworld):
     qc = json.loads((anat / "sub-chris_seg-cerebellum_qc.json").read_text())
     assert qc["atlas_prior"]["used"] is False and qc["atlas_prior"]["reason"]
     assert (out / "sub-chris_seg-cerebellum_report.pdf").read_bytes()[:4] == b"%PDF"
+
+
+def test_cerebellum_image_stages(realworld):
+    """Super-resolution and the T2 stage on real heads: sub-chris has no T2w (synthetic), sub-tcga6692 has a
+    clinical 5.5 mm T2w (registered and used)."""
+    import nibabel as nb
+
+    from bids_app.core.image_quality import correlation
+    from bids_app.core.superres import block_mean
+
+    out = realworld["out"]
+    anat = out / "sub-chris" / "anat"
+    crop = np.asarray(nb.load(str(anat / "sub-chris_space-MNI152NLin6Asym_desc-cerebellum_T1w.nii.gz")).dataobj)
+    sr = nb.load(str(anat / "sub-chris_space-MNI152NLin6Asym_res-hi_desc-superres_T1w.nii.gz"))
+    assert sr.shape == (256, 176, 176) and np.allclose(nb.affines.voxel_sizes(sr.affine), 0.5)
+    # the super-resolved image averages back to the crop it came from
+    brain = crop > 0
+    assert correlation(block_mean(np.asarray(sr.dataobj), 2), crop, brain) > 0.97
+    t2 = np.asarray(nb.load(str(anat / "sub-chris_space-MNI152NLin6Asym_desc-synth_T2w.nii.gz")).dataobj)
+    assert t2.shape == crop.shape and not t2[~brain].any()
+    # T2 contrast: white matter (bright on T1w) is darker than grey matter, so the two anti-correlate
+    assert correlation(t2, crop, brain) < 0
+    qc = json.loads((anat / "sub-chris_seg-cerebellum_qc.json").read_text())
+    assert qc["superres"] is True and qc["t2"] == "synthetic"
+    tcga = out / "sub-tcga6692" / "anat"
+    qc = json.loads((tcga / "sub-tcga6692_seg-cerebellum_qc.json").read_text())
+    assert qc["t2"] == "real"
+    real = nb.load(str(tcga / "sub-tcga6692_space-MNI152NLin6Asym_desc-cerebellum_T2w.nii.gz"))
+    assert real.shape == (128, 88, 88)
+    assert (tcga / "sub-tcga6692_from-T2w_to-T1w_mode-image_xfm.mat").is_file()
+    html = (out / "sub-tcga6692.html").read_text()
+    assert "rigidly registered" in html
