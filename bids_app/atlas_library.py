@@ -239,7 +239,8 @@ def sidecar_path(out_file: str | Path) -> Path:
 def atlas_prior_file(t1w_crop_file, library_dir, *, out_file, json_file=None, n: int | None = None,
                      d: float | None = None, scale: float | None = None, preset: str | None = None,
                      random_seed: int = 42, exclude_subjects: Iterable[str] = (), exclude_cases: Iterable[str] = (),
-                     label_interpolation: str = "genericLabel", storage: str = PRIOR_STORAGE, library=None):
+                     label_interpolation: str = "genericLabel", storage: str = PRIOR_STORAGE, library=None,
+                     t2_file=None, t2_model=None):
     """Atlas prior of a cerebellum crop: writes the 4D prior (crop grid, ``lobules`` channels, background first)
     and a JSON sidecar (default: next to it, ``.json``), both atomically; returns ``(out_file, json_file)``.
 
@@ -249,6 +250,9 @@ def atlas_prior_file(t1w_crop_file, library_dir, *, out_file, json_file=None, n:
     selected cases, their L1 distances, ``n``, ``d``, the SyN preset, the timings, the library path and its
     number of cases. A crop whose grid differs from the library's is refused (the error names both files).
     ``library``: an already read :class:`AtlasLibrary` of ``library_dir`` (saves reading it again).
+    ``t2_file``: a T2w on the crop grid (synthetic or the subject's): the vote then weighs T1w and T2w
+    differences, the atlases' T2w synthesised from their warped T1w by the T2-synthesis model
+    ``t2_model`` (default: the installed one).
     """
     import nibabel as nb
 
@@ -272,13 +276,32 @@ def atlas_prior_file(t1w_crop_file, library_dir, *, out_file, json_file=None, n:
         raise InputFileError(t1w_crop_file, f"its grid (shape {tuple(crop.shape)}, affine {_fmt_affine(crop.affine)}) "
                                             f"differs from the library's {jpath} (shape {tuple(library.shape)}, "
                                             f"affine {_fmt_affine(library.affine)})")
+    target_t2 = synthesise = t2_name = None
+    if t2_file is not None:
+        t2 = load_image(t2_file)
+        if t2.shape != crop.shape or not np.allclose(t2.affine, crop.affine, atol=1e-3):
+            raise InputFileError(t2_file, f"its grid (shape {tuple(t2.shape)}) differs from the crop's {t1w_crop_file}")
+        target_t2 = np.asarray(t2.dataobj, dtype=np.float32)
+        from .models.imaging import default_image_model, load_image_model
+        from .models.imaging import synthesise_t2 as run_t2
+
+        path = t2_model or default_image_model("t2synth")
+        if path is None:
+            raise InputFileError(t2_file, "a T2w was given to the atlas prior but no T2-synthesis model is installed "
+                                          "for the atlases")
+        model, manifest = load_image_model(path, "t2synth")
+        t2_name = f"{manifest['name']} {manifest['version']}"
+
+        def synthesise(t1):
+            return run_t2(model, t1)
     t_load = time.perf_counter() - t0
-    LOGGER.info("atlas prior of %s: library %s (%d cases), N=%d, d=%g, SyN preset %s", t1w_crop_file, jpath.parent,
-                len(library), n, d, preset)
+    LOGGER.info("atlas prior of %s: library %s (%d cases), N=%d, d=%g, SyN preset %s%s", t1w_crop_file, jpath.parent,
+                len(library), n, d, preset, f", T2w {t2_file}" if t2_file else "")
     result = af.atlas_prior(nb.Nifti1Image(np.asarray(crop.dataobj, dtype=np.float32), crop.affine), library, n=n,
                             d=d, scale=scale, preset=preset, random_seed=random_seed,
                             exclude_subjects=exclude_subjects, exclude_cases=exclude_cases,
-                            label_interpolation=label_interpolation)
+                            label_interpolation=label_interpolation, target_t2=target_t2,
+                            synthesise_t2=synthesise)
     t = time.perf_counter()
     out_file = save_prior(result, crop.affine, out_file, storage=storage)
     t_write = time.perf_counter() - t
@@ -292,7 +315,8 @@ def atlas_prior_file(t1w_crop_file, library_dir, *, out_file, json_file=None, n:
         "Description": "Subject-specific atlas prior (DeepCERES-style): the N library cases closest to the crop "
                        "(L1 of the intensities) registered with ANTs SyN and fused by the intensity-weighted vote "
                        "w = 1 / (1 + d * |s*I - s*L|), s = intensity_scale",
-        "Sources": [str(Path(t1w_crop_file).resolve())],
+        "Sources": [str(Path(t1w_crop_file).resolve())] + ([str(Path(t2_file).resolve())] if t2_file else []),
+        "T2w": ({"file": str(Path(t2_file).resolve()), "atlas_t2_model": t2_name} if t2_file else None),
         "Library": str(jpath.parent.resolve()),
         "LibraryCases": len(library),
         "LabelProtocol": result.protocol,

@@ -464,7 +464,9 @@ def atlas_prior(target_img, library: AtlasLibrary, *, n: int = DEFAULT_N, d: flo
                 preset: str | SynPreset = DEFAULT_PRESET, random_seed: int = 42,
                 label_interpolation: str = "genericLabel", selection_mask: np.ndarray | None = None,
                 label_values: Sequence[int] | None = None,
-                progress: Callable[[int, int, str, float], None] | None = None) -> AtlasPriorResult:
+                progress: Callable[[int, int, str, float], None] | None = None,
+                target_t2: np.ndarray | None = None,
+                synthesise_t2: Callable[[np.ndarray], np.ndarray] | None = None) -> AtlasPriorResult:
     """The subject-specific atlas prior of ``target_img`` (the T1w crop, a nibabel image on the library grid).
 
     1. drop every case of ``exclude_subjects`` (all cases of a subject, mirrored twins included:
@@ -476,6 +478,12 @@ def atlas_prior(target_img, library: AtlasLibrary, *, n: int = DEFAULT_N, d: flo
 
     ``label_values``: the channels, default the library protocol's indices (background first).
     ``progress(i, n, case, seconds)`` is called after each registration (a log line is written too).
+
+    ``target_t2`` (a T2w on the crop grid, normalised like the T1w) with ``synthesise_t2`` (a T2w
+    from a T1w array; the library has no T2w) makes the vote's intensity term the mean of the T1w and
+    T2w differences (:func:`fuse_weighted` with ``channels=True``): each warped atlas T1w gets its
+    T2w from ``synthesise_t2``. The ablation of ``bids_app.training.image_eval`` measured +0.003
+    mean lobule Dice for a synthetic target T2w on 5 held-out subjects (5 of 5 improved).
     """
     from .labels import load_protocol
 
@@ -540,7 +548,18 @@ def atlas_prior(target_img, library: AtlasLibrary, *, n: int = DEFAULT_N, d: flo
     timings["warp_labels"] = t_labels
 
     t = time.perf_counter()
-    probs = fuse_weighted(target, warped_images, warped_labels, label_values, d=d, scale=scale)
+    if target_t2 is not None:
+        if synthesise_t2 is None:
+            raise ValueError("a target T2w needs synthesise_t2 (the library holds T1w images only)")
+        target_t2 = np.asarray(target_t2, dtype=np.float32)
+        if target_t2.shape != target.shape:
+            raise ValueError(f"the T2w's shape {target_t2.shape} differs from the crop's {target.shape}")
+        warped_images = [np.stack([w, np.asarray(synthesise_t2(w), dtype=np.float32)]) for w in warped_images]
+        target = np.stack([target, target_t2])
+        timings["atlas_t2"] = time.perf_counter() - t
+        t = time.perf_counter()
+    probs = fuse_weighted(target, warped_images, warped_labels, label_values, d=d, scale=scale,
+                          channels=target_t2 is not None)
     timings["fusion"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_start
     return AtlasPriorResult(
@@ -551,5 +570,5 @@ def atlas_prior(target_img, library: AtlasLibrary, *, n: int = DEFAULT_N, d: flo
         params={"n_atlases": int(n), "n_used": len(chosen), "d": float(d), "intensity_scale": float(scale),
                 "syn_preset": preset_name, "random_seed": int(random_seed),
                 "label_interpolation": label_interpolation,
-                "exclude_subjects": sorted(set(exclude_subjects))},
+                "exclude_subjects": sorted(set(exclude_subjects)), "t2": target_t2 is not None},
     )

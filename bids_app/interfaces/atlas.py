@@ -34,6 +34,7 @@ class _AtlasPriorInputSpec(BaseInterfaceInputSpec):
                              desc="ANTs SyN configuration")
     exclude_subjects = traits.List(Str, desc="library subjects left out (all their cases)")
     random_seed = traits.Int(42, usedefault=True, desc="seed of ANTs")
+    t2_file = File(exists=True, desc="T2w on the crop grid: the vote weighs T1w and T2w differences")
     num_threads = traits.Int(1, usedefault=True, nohash=True, desc="ITK threads of ANTs")
 
 
@@ -59,6 +60,7 @@ class AtlasPrior(SimpleInterface):
             self.inputs.in_file, self.inputs.library_dir, out_file=os.path.abspath("atlas_prior.nii.gz"),
             json_file=os.path.abspath("atlas_prior.json"), n=int(self.inputs.n_atlases), d=float(self.inputs.d),
             scale=float(self.inputs.intensity_scale), preset=self.inputs.syn_preset,
-            random_seed=int(self.inputs.random_seed), exclude_subjects=exclude)
+            random_seed=int(self.inputs.random_seed), exclude_subjects=exclude,
+            t2_file=self.inputs.t2_file if isdefined(self.inputs.t2_file) else None)
         self._results.update(out_prior=out_prior, out_json=out_json)
         return runtime

@@ -185,6 +185,28 @@ def test_atlas_prior_on_a_library(library, target):
     assert summary["selected_cases"] == result.selected and summary["d"] == 0.5
 
 
+def test_atlas_prior_with_a_t2w(library, target):
+    """A target T2w adds a contrast to the vote; the atlases' T2w come from the given synthesis function."""
+    image, _ = target
+    calls = []
+
+    def synthesise(t1):
+        calls.append(t1.shape)
+        return np.where(t1 > 0, 1.2 - t1, 0).astype(np.float32)
+
+    t2 = synthesise(image)
+    calls.clear()
+    with_t2 = af.atlas_prior(new_image(image, AFFINE), library, n=2, target_t2=t2, synthesise_t2=synthesise)
+    assert calls == [SHAPE, SHAPE] and with_t2.params["t2"] is True and "atlas_t2" in with_t2.timings
+    np.testing.assert_allclose(with_t2.probabilities.sum(0), 1.0, atol=1e-5)
+    plain = af.atlas_prior(new_image(image, AFFINE), library, n=2)
+    assert plain.params["t2"] is False and plain.selected == with_t2.selected
+    with pytest.raises(ValueError, match="synthesise_t2"):
+        af.atlas_prior(new_image(image, AFFINE), library, n=1, target_t2=t2)
+    with pytest.raises(ValueError, match="shape"):
+        af.atlas_prior(new_image(image, AFFINE), library, n=1, target_t2=t2[:4], synthesise_t2=synthesise)
+
+
 def test_exclude_subjects_drops_mirrored_twins(library):
     case = library.cases[0]
     assert library.cases[1].subject == case.subject and library.cases[1].mirrored

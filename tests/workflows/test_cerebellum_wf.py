@@ -612,6 +612,18 @@ def test_image_stages_are_in_the_graph_by_default(cer, image_models, tmp_path):
     assert _mandatory_missing(wf) == []
 
 
+def test_the_t2w_weighs_the_atlas_prior(cer, image_models, tmp_path):
+    """With a library, the branch's T2w (synthetic here) goes to the atlas prior; without a T2 stage it does not."""
+    from bids_app.atlas_library import write_synthetic_library
+
+    library = write_synthetic_library(tmp_path / "library", subjects=1, shape=(8, 8, 8), mirrored=False)
+    wf = _image_subject_wf(cer, image_models, tmp_path, use_prior=True, library_dir=library)
+    assert _connected(wf)["sub_01_wf.cerebellum_wf.atlas_prior"] == {"in_file", "t2_file"}
+    wf = _image_subject_wf(cer, image_models, tmp_path / "none", use_prior=True, library_dir=library,
+                           t2_mode="none")
+    assert _connected(wf)["sub_01_wf.cerebellum_wf.atlas_prior"] == {"in_file"}
+
+
 def test_auto_registers_the_real_t2w(cer, image_models, tmp_path):
     t2w = cer["root"] / "sub-01_T2w.nii.gz"
     t2w.write_bytes(cer["raw"].read_bytes())
