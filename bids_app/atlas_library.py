@@ -16,6 +16,7 @@ Every ``t1w`` is a float32 crop on the library grid (same normalisation as the p
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -276,7 +277,8 @@ def atlas_prior_file(t1w_crop_file, library_dir, *, out_file, json_file=None, n:
         raise InputFileError(t1w_crop_file, f"its grid (shape {tuple(crop.shape)}, affine {_fmt_affine(crop.affine)}) "
                                             f"differs from the library's {jpath} (shape {tuple(library.shape)}, "
                                             f"affine {_fmt_affine(library.affine)})")
-    target_t2 = synthesise = t2_name = None
+    target_t2 = t2_name = None
+    synthesise = None
     if t2_file is not None:
         t2 = load_image(t2_file)
         if t2.shape != crop.shape or not np.allclose(t2.affine, crop.affine, atol=1e-3):
@@ -291,9 +293,7 @@ def atlas_prior_file(t1w_crop_file, library_dir, *, out_file, json_file=None, n:
                                           "for the atlases")
         model, manifest = load_image_model(path, "t2synth")
         t2_name = f"{manifest['name']} {manifest['version']}"
-
-        def synthesise(t1):
-            return run_t2(model, t1)
+        synthesise = functools.partial(run_t2, model)
     t_load = time.perf_counter() - t0
     LOGGER.info("atlas prior of %s: library %s (%d cases), N=%d, d=%g, SyN preset %s%s", t1w_crop_file, jpath.parent,
                 len(library), n, d, preset, f", T2w {t2_file}" if t2_file else "")

@@ -74,7 +74,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from ..core.labels import Protocol, class_merge_matrix, load_mapping, load_protocol, merge_probabilities
-from .checkpoint import ModelError, _split_path, list_models, verify_checkpoint
+from .checkpoint import ModelError, _split_path, models_with_task, verify_checkpoint
 from .segment_files import _num
 
 log = logging.getLogger(__name__)
@@ -277,15 +277,7 @@ def select_cerebellum_models(paths: Sequence[str | os.PathLike], *, prior_availa
 
 def default_cerebellum_models(folder: str | os.PathLike | None = None) -> list[str]:
     """Manifest paths of the installed checkpoints whose manifest task is a cerebellum task."""
-    found = []
-    for row in list_models(folder):
-        try:
-            manifest = json.loads(Path(row["path"]).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if manifest.get("task") in CEREBELLUM_TASKS:
-            found.append(row["path"])
-    return sorted(found)
+    return models_with_task(CEREBELLUM_TASKS, folder)
 
 
 def installed_tasks(paths: Sequence[str | os.PathLike]) -> set[str]:

@@ -514,3 +514,17 @@ def verify_checkpoint(raw) -> tuple[Path, dict]:
         raise ModelError(f"{weights_path}: checksum mismatch with {manifest_path.name}; the file is corrupt or was "
                          f"modified")
     return manifest_path.resolve(), manifest
+
+
+def models_with_task(tasks, folder: str | os.PathLike | None = None) -> list[str]:
+    """Manifest paths (sorted) of the installed checkpoints whose manifest ``task`` is one of ``tasks``."""
+    wanted = {tasks} if isinstance(tasks, str) else set(tasks)
+    found = []
+    for row in list_models(folder):
+        try:
+            manifest = json.loads(Path(row["path"]).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if manifest.get("task") in wanted:
+            found.append(row["path"])
+    return sorted(found)

@@ -22,13 +22,12 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from ..core.superres import upsampled_affine
-from .checkpoint import IMAGE_TASKS, ModelError, list_models
+from .checkpoint import IMAGE_TASKS, ModelError, models_with_task
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +36,8 @@ def default_image_model(task: str, folder: str | os.PathLike | None = None) -> s
     """Manifest path of the installed checkpoint for image ``task`` (the first by name), or ``None``."""
     if task not in IMAGE_TASKS:
         raise ValueError(f"unknown image task {task!r} (known: {', '.join(IMAGE_TASKS)})")
-    found = []
-    for row in list_models(folder):
-        try:
-            manifest = json.loads(Path(row["path"]).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if manifest.get("task") == task:
-            found.append(row["path"])
-    return sorted(found)[0] if found else None
+    found = models_with_task(task, folder)
+    return found[0] if found else None
 
 
 def load_image_model(path: str | os.PathLike, task: str, *, device: str = "cpu"):

@@ -43,7 +43,6 @@ Nothing here imports torch at module import time, so the command line can check 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -63,7 +62,7 @@ from ..core.labels import (
     merge_chain,
     merged_probabilities,
 )
-from .checkpoint import (ModelError, _read_manifest, _split_path, list_models, validate_manifest,
+from .checkpoint import (ModelError, _read_manifest, _split_path, models_with_task, validate_manifest,
                          verify_checkpoint)
 
 log = logging.getLogger(__name__)
@@ -216,15 +215,7 @@ def read_manifests(paths: Sequence[str | os.PathLike]) -> list[dict]:
 
 
 def _default_models(task: str, folder: str | os.PathLike | None = None) -> list[str]:
-    found = []
-    for row in list_models(folder):
-        try:
-            manifest = json.loads(Path(row["path"]).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if manifest.get("task") == task:
-            found.append(row["path"])
-    return sorted(found)
+    return models_with_task(task, folder)
 
 
 def default_wholebrain_models(folder: str | os.PathLike | None = None) -> list[str]:
