@@ -33,11 +33,24 @@ log = logging.getLogger(__name__)
 
 
 def default_image_model(task: str, folder: str | os.PathLike | None = None) -> str | None:
-    """Manifest path of the installed checkpoint for image ``task`` (the first by name), or ``None``."""
+    """Manifest path of the installed checkpoint for image ``task``, or ``None``.
+
+    One model serves each image task: one in ``$ARBORSEG_MODELS_DIR`` (or ``folder``) overrides the
+    shipped one (the last folder of :func:`bids_app.models.checkpoint.model_folders` that has one
+    wins; inside a folder, the first by name).
+    """
+    from pathlib import Path
+
+    from .checkpoint import model_folders
+
     if task not in IMAGE_TASKS:
         raise ValueError(f"unknown image task {task!r} (known: {', '.join(IMAGE_TASKS)})")
     found = models_with_task(task, folder)
-    return found[0] if found else None
+    for base in reversed(model_folders(folder)):
+        mine = [p for p in found if Path(p).resolve().is_relative_to(base)]
+        if mine:
+            return sorted(mine)[0]
+    return None
 
 
 def load_image_model(path: str | os.PathLike, task: str, *, device: str = "cpu"):

@@ -104,3 +104,19 @@ def test_image_file_superres_and_t2(tmp_path, monkeypatch):
     bad.write_bytes(b"not a nifti")
     with pytest.raises(ModelError, match="cannot read"):
         imaging.image_file("superres", bad, tmp_path / "z.nii.gz", checkpoint=models / "tiny-sr")
+
+
+def test_a_user_model_overrides_the_shipped_one(tmp_path, monkeypatch):
+    shipped, user = tmp_path / "package", tmp_path / "user"
+    shipped.mkdir()
+    user.mkdir()
+    save_checkpoint(SuperResolution3D(width=4, n_blocks=1), shipped / "a-shipped", _fields("superres", "T1w"))
+    monkeypatch.setattr("bids_app.models.checkpoint.PACKAGE_MODELS_DIR", shipped)
+    monkeypatch.delenv("ARBORSEG_MODELS_DIR", raising=False)
+    assert imaging.default_image_model("superres").endswith("a-shipped.json")
+    assert imaging.default_image_model("t2synth") is None
+    save_checkpoint(SuperResolution3D(width=4, n_blocks=1), user / "z-user", _fields("superres", "T1w"))
+    monkeypatch.setenv("ARBORSEG_MODELS_DIR", str(user))
+    assert imaging.default_image_model("superres").endswith("z-user.json")
+    with pytest.raises(ValueError, match="unknown image task"):
+        imaging.default_image_model("wholebrain")
