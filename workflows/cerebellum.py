@@ -67,12 +67,12 @@ def _image_qc(qc_json, t2_source, t2_reason, superres_reason, superres_json=None
     superres = {"used": superres_json is not None, "reason": "" if superres_json else (superres_reason or "not run")}
     if superres_json:
         summary = read(superres_json)
-        superres.update({k: summary[k] for k in ("model", "version", "voxel_size_mm", "shape", "seconds")
-                         if k in summary})
+        # no run times here: the QC JSON is a result, equal across runs (timings are in the node's summary)
+        superres.update({k: summary[k] for k in ("model", "version", "voxel_size_mm", "shape") if k in summary})
     t2 = {"source": t2_source, "reason": t2_reason or ""}
     if t2_json:
         summary = read(t2_json)
-        keys = (("model", "version", "seconds") if t2_source == "synthetic" else
+        keys = (("model", "version") if t2_source == "synthetic" else
                 ("file", "Registration", "TranslationMM", "RotationDegrees", "BrainCoverage"))
         t2.update({k: summary[k] for k in keys if k in summary})
     data.update({"superres": superres["used"], "superres_details": superres, "t2": t2_source, "t2_details": t2})

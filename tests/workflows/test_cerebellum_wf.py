@@ -679,7 +679,7 @@ def test_image_qc_merges_the_stages(tmp_path, monkeypatch):
     data = json.loads(Path(_image_qc(str(qc), "real", "", "", superres_json=str(sr), t2_json=str(t2))).read_text())
     assert data["QCFlag"] == "pass" and data["superres"] is True and data["t2"] == "real"
     assert data["superres_details"] == {"used": True, "reason": "", "model": "m-sr", "version": "1.0",
-                                        "voxel_size_mm": [0.5] * 3, "shape": [4, 4, 4], "seconds": 1.0}
+                                        "voxel_size_mm": [0.5] * 3, "shape": [4, 4, 4]}
     assert data["t2_details"]["file"] == "sub-01_T2w.nii.gz" and data["t2_details"]["TranslationMM"] == [1, 2, 3]
     off = json.loads(Path(_image_qc(str(qc), "none", "switched off with --cerebellum-t2 none",
                                     "switched off with --no-superres")).read_text())
