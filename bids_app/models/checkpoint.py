@@ -456,8 +456,9 @@ def model_folders(folder: str | os.PathLike | None = None) -> list[Path]:
 def list_models(folder: str | os.PathLike | None = None) -> list[dict]:
     """The installed models: one dict per valid manifest found in :func:`model_folders`.
 
-    Keys: ``name``, ``version``, ``architecture``, ``protocol``, ``channels``, ``parameters``,
-    ``size_mb``, ``licence``, ``metrics`` (short summary string), ``path`` (of the manifest).
+    Keys: ``name``, ``version``, ``architecture``, ``task`` (``None`` when the manifest has none),
+    ``protocol``, ``channels``, ``parameters``, ``size_mb``, ``licence``, ``metrics`` (short summary
+    string), ``path`` (of the manifest).
     Checksums are not verified here (that is :func:`load_checkpoint`'s job) and torch is not
     imported; manifests that are invalid or lack their weights are skipped with a warning.
     """
@@ -483,6 +484,7 @@ def list_models(folder: str | os.PathLike | None = None) -> list[dict]:
                 "name": manifest["name"],
                 "version": manifest["version"],
                 "architecture": manifest["architecture"],
+                "task": manifest.get("task"),
                 "protocol": (manifest["label_protocol"]["name"] if manifest["label_protocol"] is not None
                              else "image:" + "+".join(c["name"] for c in manifest["output_channels"])),
                 "channels": [c["name"] for c in manifest["input_channels"]],
@@ -519,12 +521,4 @@ def verify_checkpoint(raw) -> tuple[Path, dict]:
 def models_with_task(tasks, folder: str | os.PathLike | None = None) -> list[str]:
     """Manifest paths (sorted) of the installed checkpoints whose manifest ``task`` is one of ``tasks``."""
     wanted = {tasks} if isinstance(tasks, str) else set(tasks)
-    found = []
-    for row in list_models(folder):
-        try:
-            manifest = json.loads(Path(row["path"]).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if manifest.get("task") in wanted:
-            found.append(row["path"])
-    return sorted(found)
+    return sorted(row["path"] for row in list_models(folder) if row["task"] in wanted)
