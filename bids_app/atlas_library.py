@@ -2,7 +2,7 @@
 
 A library is a folder with ``library.json``::
 
-    {"format": "arborseg-cerebellum-library", "format_version": 1, "space": "MNI152NLin6Asym",
+    {"format": "arborseg-cerebellum-library", "format_version": 2, "space": "MNI152NLin6Asym",
      "shape": [128, 88, 88], "protocol": "lobules", "affine": [[...]] (optional),
      "cases": [{"case": "oasis-sub-01", "subject": "OASIS-TRT-20-1", "mirrored": false, "kind": "real",
                 "t1w": "oasis-sub-01_T1w.nii.gz", "dseg": "oasis-sub-01_dseg.nii.gz", ...}, ...]}
@@ -31,7 +31,8 @@ LOGGER = logging.getLogger(__name__)
 
 LIBRARY_FILE = "library.json"
 LIBRARY_FORMAT = "arborseg-cerebellum-library"
-SUPPORTED_VERSIONS = (1,)
+#: 1 and 2 differ only in the ``full`` label maps (training); the T1w and lobule maps read here are the same
+SUPPORTED_VERSIONS = (1, 2)
 LIBRARY_SPACE = "MNI152NLin6Asym"
 #: how the prior is stored: uint8 with a NIfTI scale factor (about 1/255), read back as floats
 PRIOR_STORAGE = "uint8"
@@ -432,7 +433,7 @@ def write_synthetic_library(out_dir, *, subjects: int = 3, shape=(24, 24, 24), a
             cases.append({"case": case, "subject": f"synth-{s:02d}", "mirrored": mir, "kind": "synthetic",
                           "t1w": f"{case}_T1w.nii.gz", "dseg": f"{case}_dseg.nii.gz"})
     atomic_write_json(out / LIBRARY_FILE, {
-        "format": LIBRARY_FORMAT, "format_version": 1, "space": LIBRARY_SPACE, "shape": list(shape),
+        "format": LIBRARY_FORMAT, "format_version": 2, "space": LIBRARY_SPACE, "shape": list(shape),
         "protocol": "lobules", "voxel_size_mm": float(np.sqrt((affine[:3, :3] ** 2).sum(0))[0]),
         "affine": affine.tolist(), "cases": cases, "kind": "synthetic"})
     return out

@@ -249,6 +249,9 @@ def t2_data(library: Path, templateflow: Path, spm: Path | None,
     held = left_half(affine, shape)
     real = [(n, t1, t2, m & ~held) for n, t1, t2, m in t2_real_pairs(templateflow, spm)]
     stats = tissue_intensities([(t1, t2, m) for _, t1, t2, m in real])
+    from .library import read_index
+
+    read_index(library, need_full_maps=True)
     tissues = []
     for case in library_cases(library, exclude_subjects):
         full = np.asarray(nib.load(str(library / case["full"])).dataobj)

@@ -18,8 +18,8 @@ and manual vermis lobule groups):
    votes takes the label of the nearest voxel that has one. The fused labels cover the manual
    cerebellum exactly;
 4. the case and its left-right mirrored copy (labels swapped) are written on the crop grid, with a
-   ``full`` label map (aparcNMMjt+aseg with the lobules embedded as 1000 + lobule) for synthetic
-   (domain-randomised) training images.
+   ``full`` label map (aparcNMMjt+aseg with the lobules embedded as 10000 + lobule, clear of the
+   cortical parcels 1002-2035) for synthetic (domain-randomised) training images.
 
 The manual vermis groups (630 = I-V, 631 = VI-VII, 632 = VIII-X) are *not* used to build the
 labels, so their Dice with the fused labels folded to the same groups is an independent check;
@@ -42,12 +42,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from nibabel.processing import resample_to_output
-from scipy import ndimage
 
 from bids_app.atomic import atomic_output
 from bids_app.core.crop import CEREBELLUM_BOX_MM, crop_box
 from bids_app.core.files import save_atomic
-from bids_app.core.images import from_ants, to_ants
+from bids_app.core.images import to_ants
 from bids_app.core.intensity import normalise_intensity
 from bids_app.core.labels import load_mapping, load_protocol, map_labels
 from bids_app.core.lobules import (constrained_fusion, lobule_tissue, mirror_lr, swap_sides, tissue_image,
@@ -57,11 +56,15 @@ from bids_app.core.registration import apply_transform, register_affine
 log = logging.getLogger(__name__)
 
 FORMAT = "arborseg-cerebellum-library"
-FORMAT_VERSION = 1
+#: 2: lobules embedded in ``full`` at 10000 + lobule (version 1 used 1000 + lobule, which collided with the
+#: DKT cortical labels 1002-1035, and blanked the cortex of the mirrored copies); see :func:`upgrade_library`
+FORMAT_VERSION = 2
 #: manual labels of the OASIS-TRT-20 ``desc-manualvermis`` maps
 MANUAL = {"left_cortex": (6,), "right_cortex": (45,), "vermis": (630, 631, 632), "left_wm": (7,), "right_wm": (46,)}
-#: FreeSurfer cerebellum labels of aparcNMMjt+aseg (replaced by lobules in the ``full`` map)
-FULL_LOBULE_OFFSET = 1000
+#: where the lobules sit in the ``full`` map (they replace the FreeSurfer cerebellum labels there); above every
+#: aparcNMMjt+aseg label and within int16
+FULL_LOBULE_OFFSET = 10000
+V1_LOBULE_OFFSET = 1000
 
 
 @dataclass
@@ -169,7 +172,7 @@ def fuse_subject(propagated: list[np.ndarray], manual: np.ndarray, *, sigma_vox:
 
 
 def embed_lobules(full: np.ndarray, lobules: np.ndarray) -> np.ndarray:
-    """The aparc+aseg label map with the lobules written in as ``1000 + lobule`` (for synthesis)."""
+    """The aparc+aseg label map with the lobules written in as ``FULL_LOBULE_OFFSET + lobule`` (for synthesis)."""
     out = np.asarray(full, dtype=np.int32).copy()
     out[lobules > 0] = FULL_LOBULE_OFFSET + lobules[lobules > 0]
     return out
@@ -266,8 +269,7 @@ def build_library(out_dir: Path, *, oasis_dir: Path, park_dir: Path, template: P
         entries = [(case, False, crop["t1w"], lobules, embed_lobules(crop["full"], lobules))]
         if mirror:
             m_lob = swap_sides(mirror_lr(lobules, crop["affine"]))
-            m_full = embed_lobules(np.where(mirror_lr(crop["full"], crop["affine"]) >= FULL_LOBULE_OFFSET, 0,
-                                            mirror_lr(crop["full"], crop["affine"])), m_lob)
+            m_full = embed_lobules(mirror_lr(crop["full"], crop["affine"]), m_lob)
             entries.append((f"{case}-mirror", True, mirror_lr(crop["t1w"], crop["affine"]), m_lob, m_full))
         for name, mirrored, t1w, lob, full in entries:
             files = _write_case(out_dir, name, t1w, lob, full, crop["affine"])
@@ -287,6 +289,80 @@ def build_library(out_dir: Path, *, oasis_dir: Path, park_dir: Path, template: P
     return index
 
 
+def read_index(library_dir: Path, *, need_full_maps: bool = False) -> dict:
+    """``library.json`` of a built library; with ``need_full_maps`` (synthetic training images), a
+    library older than version 2 is refused with the command that upgrades it."""
+    path = Path(library_dir) / "library.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found (build the library with arborseg-build-library)")
+    index = json.loads(path.read_text())
+    if index.get("format") != FORMAT:
+        raise ValueError(f"{path}: not an ArborSeg cerebellum library")
+    version = index.get("format_version")
+    if need_full_maps and version != FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version {version!r}; its full label maps overlap lobules and cortical "
+                         f"parcels. Upgrade it in place: arborseg-build-library {library_dir} --upgrade")
+    return index
+
+
+def upgrade_full_maps(full: np.ndarray, lobules: np.ndarray, partner_full: np.ndarray | None,
+                      affine: np.ndarray) -> np.ndarray:
+    """A version-1 case's ``full`` map as version 2 writes it.
+
+    Version 1 wrote the lobules over the map as 1000 + lobule and left every other voxel as it was, so
+    outside the lobules the map is intact and the lobules are in ``lobules``. A mirrored case (give
+    the ``full`` map of the case it mirrors as ``partner_full``) additionally lost every label >= 1000
+    (the cortex); it is rebuilt from the partner's map, mirrored, as version 2 builds it.
+    """
+    full = np.asarray(full, dtype=np.int32)
+    lobules = np.asarray(lobules)
+    base = full if partner_full is None else mirror_lr(np.asarray(partner_full, dtype=np.int32), affine)
+    return embed_lobules(base, lobules)
+
+
+def upgrade_library(library_dir: Path) -> dict:
+    """Rewrite a version-1 library's ``full`` maps in place as version 2 (seconds, instead of a rebuild).
+
+    Only the ``full`` maps change (they feed synthetic training images); the T1w and lobule maps, and
+    so the atlas prior, are the same in both versions. Every map is rewritten from the version-1 files
+    before any is replaced, and ``library.json`` is updated last, so a stopped upgrade can be run again.
+    """
+    library_dir = Path(library_dir)
+    index_path = library_dir / "library.json"
+    index = read_index(library_dir)
+    version = index.get("format_version")
+    if version == FORMAT_VERSION:
+        log.info("%s is already format version %d", library_dir, FORMAT_VERSION)
+        return index
+    if version != 1:
+        raise ValueError(f"{index_path}: format_version {version!r} cannot be upgraded (only 1 -> {FORMAT_VERSION})")
+    cases = {c["case"]: c for c in index["cases"]}
+    affine = np.asarray(index["affine"], dtype=float)
+
+    def load(case: dict, key: str) -> nib.Nifti1Image:
+        return nib.load(str(library_dir / case[key]))
+
+    new = {}
+    for name, case in cases.items():
+        full_img = load(case, "full")
+        partner = None
+        if case.get("mirrored"):
+            source = name.removesuffix("-mirror")
+            if source not in cases:
+                raise ValueError(f"{index_path}: mirrored case {name} has no unmirrored case {source} to rebuild from")
+            partner = np.asarray(load(cases[source], "full").dataobj)
+        new[name] = (upgrade_full_maps(np.asarray(full_img.dataobj), np.asarray(load(case, "dseg").dataobj),
+                                       partner, affine), full_img.affine)
+    for name, (data, case_affine) in new.items():
+        save_atomic(nib.Nifti1Image(data.astype(np.int16), case_affine), library_dir / cases[name]["full"])
+    index["format_version"] = FORMAT_VERSION
+    index["upgraded_from"] = version
+    _write_json(index_path, index)
+    log.info("%s: %d full label maps rewritten (format version %d -> %d)", library_dir, len(new), version,
+             FORMAT_VERSION)
+    return index
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
     import os
@@ -298,8 +374,11 @@ def main(argv: list[str] | None = None) -> int:
         description="Build the labelled cerebellum library (lobules of the Park 2014 protocol for the OASIS-TRT-20 "
                     "subjects, in the MNI cerebellum crop) used for the atlas prior and for training.")
     parser.add_argument("out_dir", type=Path, help="folder to write the library to (created; resumable)")
-    parser.add_argument("--oasis", type=Path, required=True, help="OASIS-TRT-20 folder (sub-*/...)")
-    parser.add_argument("--park", type=Path, required=True, help="folder of the Park 2014 maps (brain<N>_labels)")
+    parser.add_argument("--oasis", type=Path, help="OASIS-TRT-20 folder (sub-*/...)")
+    parser.add_argument("--park", type=Path, help="folder of the Park 2014 maps (brain<N>_labels)")
+    parser.add_argument("--upgrade", action="store_true",
+                        help="rewrite a library built by an older ArborSeg in the current format (in place, seconds; "
+                             "--oasis and --park are then not needed)")
     parser.add_argument("--templateflow-home", type=Path, default=env_path("TEMPLATEFLOW_HOME"),
                         help="TemplateFlow folder holding tpl-MNI152NLin6Asym (default: $TEMPLATEFLOW_HOME)")
     parser.add_argument("--subjects", nargs="+", help="only these subjects (e.g. sub-01 02)")
@@ -310,6 +389,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.nthreads:
         os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.nthreads)
+    if args.upgrade:
+        try:
+            upgrade_library(args.out_dir)
+        except (FileNotFoundError, ValueError) as exc:
+            log.error("%s", exc)
+            return 2
+        return 0
+    if args.oasis is None or args.park is None:
+        parser.error("give --oasis and --park (or --upgrade for an existing library)")
     if args.templateflow_home is None:
         parser.error("give --templateflow-home or set TEMPLATEFLOW_HOME")
     template = Path(args.templateflow_home) / "tpl-MNI152NLin6Asym" / "tpl-MNI152NLin6Asym_res-01_desc-brain_T1w.nii.gz"

@@ -214,7 +214,9 @@ def prepare_library(out_dir: Path, library_dir: Path, *, factor: int = 1, priors
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    library = json.loads((Path(library_dir) / "library.json").read_text())
+    from .library import read_index
+
+    library = read_index(Path(library_dir), need_full_maps=True)
     index = {"protocol": "lobules", "voxel_size_mm": float(factor), "cases": [],
              "library": str(library_dir), "prior": priors is not None}
     for i, entry in enumerate(library["cases"], 1):

@@ -62,3 +62,18 @@ def test_labels_cover_the_manual_cerebellum_and_mirror_swaps_sides(library):
     assert abs(int(((b > 0) & (b < 100)).sum()) - int(right.sum())) < 0.02 * right.sum()
     t1 = nib.load(str(library / "oasis-sub-01_T1w.nii.gz"))
     assert t1.shape == (128, 88, 88) and np.allclose(np.abs(np.diag(t1.affine))[:3], 1.0)
+
+
+def test_full_maps_keep_cortex_and_lobules_apart_in_both_copies(library):
+    """The ``full`` label maps (synthetic training images): lobules at 10000 + lobule, the cortical parcels
+    (1000-2999) of the crop still there in the case and in its mirror."""
+    from bids_app.training.library import FULL_LOBULE_OFFSET
+
+    for case in ("oasis-sub-01", "oasis-sub-01-mirror"):
+        full = np.asarray(nib.load(str(library / f"{case}_desc-full_dseg.nii.gz")).dataobj)
+        lob = np.asarray(nib.load(str(library / f"{case}_dseg.nii.gz")).dataobj)
+        np.testing.assert_array_equal(full[lob > 0], FULL_LOBULE_OFFSET + lob[lob > 0])
+        outside = full[lob == 0]
+        assert (outside < FULL_LOBULE_OFFSET).all()
+        cortex = (outside >= 1000) & (outside < 3000)
+        assert cortex.sum() > 10_000, (case, int(cortex.sum()))  # occipital and temporal cortex in the crop

@@ -11,7 +11,7 @@ def _case(prior=True):
     lob = np.zeros((16, 16, 16), np.int16)
     lob[4:8, 4:12, 4:12] = 5
     lob[8:12, 4:12, 4:12] = 113
-    full = np.where(lob > 0, 1000 + lob, 3).astype(np.int32)
+    full = np.where(lob > 0, 10000 + lob, 3).astype(np.int32)
     full[:2] = 0
     p = rng.random((13, 16, 16, 16)).astype(np.float32) if prior else None
     return prepare_library_case(t1, lob, full, np.eye(4), factor=1, prior=p)
@@ -22,7 +22,7 @@ def test_prepare_library_case_arrays():
     assert arrays["img2"].dtype == np.float16 and arrays["img2"].shape == (16, 16, 16)
     assert arrays["prior"].shape == (13, 16, 16, 16)
     assert set(np.unique(arrays["cls2"])) == {0, 5, 26}       # class positions of 0, left VI, right WM
-    assert arrays["gen_values"].tolist() == [0, 3, 1005, 1113]
+    assert arrays["gen_values"].tolist() == [0, 3, 10005, 10113]
     half = prepare_library_case(arrays["img2"].astype(np.float32), np.zeros((16, 16, 16), np.int16),
                                 np.zeros((16, 16, 16), np.int32), np.eye(4), factor=2)
     assert half["img2"].shape == (8, 8, 8) and half["affine2"][0, 0] == 2
