@@ -123,6 +123,8 @@ class CerebellumConfig:
     use_prior: bool = False
     #: why it is not (recorded in the QC JSON as ``atlas_prior.reason``)
     prior_reason: str = ""
+    #: the shipped population prior, given to lobule models with ``population:`` channels (no library)
+    population_prior: Path | None = None
     #: atlases fused into the prior (``--n-atlases``; None: the atlas fusion's default)
     n_atlases: int | None = None
     #: Monte-Carlo dropout samples of each network of the cascade

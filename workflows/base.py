@@ -161,7 +161,8 @@ def _add_cerebellum(wf, inputnode, anat_preproc_wf, *, inputs: AnatInputs, bids_
         hemisphere_checkpoints=hemis, lobule_checkpoints=lobes, mc_samples=cerebellum.mc_samples, seed=random_seed,
         omp_nthreads=omp_nthreads, device=device, use_prior=cerebellum.use_prior,
         library_dir=str(cerebellum.library_dir) if cerebellum.library_dir else None, n_atlases=cerebellum.n_atlases,
-        prior_reason=cerebellum.prior_reason, superres=superres, superres_checkpoint=superres_ckpt,
+        prior_reason=cerebellum.prior_reason,
+        population_prior=str(cerebellum.population_prior) if cerebellum.population_prior else None, superres=superres, superres_checkpoint=superres_ckpt,
         superres_reason=cerebellum.superres_reason, t2_source=t2_source, t2_reason=t2_reason,
         t2synth_checkpoint=t2synth_ckpt)
     cer_derivatives_wf = init_cerebellum_derivatives_wf(

@@ -87,7 +87,8 @@ def init_cerebellum_wf(*, hemisphere_checkpoints: Sequence[str], lobule_checkpoi
                        use_prior: bool = False, library_dir: str | None = None, n_atlases: int | None = None,
                        prior_reason: str = "", superres: bool = False, superres_checkpoint: str | None = None,
                        superres_reason: str = "", t2_source: str = "none", t2_reason: str = "",
-                       t2synth_checkpoint: str | None = None, name: str = "cerebellum_wf"):
+                       t2synth_checkpoint: str | None = None, population_prior: str | None = None,
+                       name: str = "cerebellum_wf"):
     """Cerebellar lobules on the crop and in the native T1w space, with MC-dropout QC; the image stages.
 
     ``inputnode``: ``cerebellum_crop``, ``inverse_transform``, ``icv_ml``, ``source_file`` (the raw
@@ -95,7 +96,9 @@ def init_cerebellum_wf(*, hemisphere_checkpoints: Sequence[str], lobule_checkpoi
     ``library_dir`` is given (the prior then comes from outside the branch). With ``use_prior`` and
     ``library_dir`` the prior is computed here by :class:`bids_app.interfaces.atlas.AtlasPrior`
     (node ``atlas_prior``). Without ``use_prior`` the lobule models take no prior and
-    ``prior_reason`` is recorded in the QC JSON. ``outputnode``: :data:`CEREBELLUM_OUTPUTS`
+    ``prior_reason`` is recorded in the QC JSON; with ``population_prior`` (the shipped probabilistic atlas,
+    for lobule models with ``population:`` channels) that file is their prior, the same for every subject,
+    so it is not written as a derivative. ``outputnode``: :data:`CEREBELLUM_OUTPUTS`
     (``prior_crop`` only with the prior) and :data:`IMAGE_OUTPUTS` (those of the stages that run).
 
     Image stages: ``superres`` adds the node ``superres`` (:class:`SuperResolution`, model
@@ -164,6 +167,12 @@ def init_cerebellum_wf(*, hemisphere_checkpoints: Sequence[str], lobule_checkpoi
             (t2_node, outputnode, [("out_file", "t2w_crop"), ("out_json", "t2w_json")]),
             (t2_node, qc_images, [("out_json", "t2_json")]),
         ])
+    if population_prior and not use_prior:
+        from bids_app.models.cascade import population_sidecar
+
+        segment.inputs.prior_file = str(population_prior)
+        segment.inputs.prior_json = str(population_sidecar(population_prior))
+        return wf
     if not use_prior:
         return wf
     if library_dir is None:

@@ -173,6 +173,9 @@ def run_participant(config: RunConfig, *, clean_workdir: bool = False) -> int:
                     config.device)
         if cer.use_prior:
             LOGGER.info("cerebellar lobules: atlas prior from the library %s", cer.library_dir)
+        elif cer.population_prior:
+            LOGGER.info("cerebellar lobules with the population prior %s (no subject-specific atlas prior: %s)",
+                        cer.population_prior.name, cer.prior_reason)
         else:
             LOGGER.info("cerebellar lobules without the atlas prior: %s", cer.prior_reason)
         if cer.superres_active:

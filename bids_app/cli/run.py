@@ -139,14 +139,16 @@ def parcellation_config(opts):
 def cerebellum_config(opts):
     """The cerebellum branch: ``--no-cerebellum``, ``--cerebellum-models`` (checked now) or the installed models
     whose manifest task is ``cerebellum-hemispheres``/``cerebellum-lobules``; the atlas prior when a library is
-    given (``--library-dir``/``$ARBORSEG_LIBRARY_DIR``, checked now).
+    given (``--library-dir``/``$ARBORSEG_LIBRARY_DIR``, checked now), else the shipped population prior for
+    lobule models that take it (template MNI152NLin6Asym).
 
     Installed models missing (or only one of the two tasks): the branch is skipped with a warning. A checkpoint
     or a library that cannot be used, or lobule models that all need a prior without a library, is an error
     (exit code 4) before any work. No torch is imported here.
     """
     from ..config import CerebellumConfig
-    from ..models.cascade import CEREBELLUM_TASKS, default_cerebellum_models, installed_tasks, select_cerebellum_models
+    from ..models.cascade import (CEREBELLUM_TASKS, default_cerebellum_models, installed_tasks,
+                                  population_prior_status, select_cerebellum_models)
 
     library = opts.library_dir.expanduser().resolve() if opts.library_dir else None
     common = {"mc_samples": opts.mc_samples, "n_atlases": opts.n_atlases, "library_dir": library,
@@ -164,10 +166,13 @@ def cerebellum_config(opts):
                 "$ARBORSEG_MODELS_DIR); pass --cerebellum-models to use your own")
             return CerebellumConfig(enabled=True, missing=why, **common)
     prior_available, reason = _library_status(library, opts.template)
-    models = select_cerebellum_models(paths, prior_available=prior_available, prior_reason=reason)
+    population, _why = population_prior_status(opts.template)
+    models = select_cerebellum_models(paths, prior_available=prior_available, prior_reason=reason,
+                                      population_available=population is not None)
     return CerebellumConfig(enabled=True, hemisphere_checkpoints=models.hemispheres,
                             lobule_checkpoints=models.lobules, origin=origin, use_prior=models.prior,
-                            prior_reason=models.reason, **common)
+                            prior_reason=models.reason, population_prior=population if models.population else None,
+                            **common)
 
 
 def image_models(opts) -> dict:

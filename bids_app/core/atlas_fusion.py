@@ -334,6 +334,26 @@ def _class_lut(labels: np.ndarray, label_values: Sequence[int]) -> np.ndarray:
     return classes
 
 
+def population_prior(label_maps: Iterable[np.ndarray], label_values: Sequence[int]) -> np.ndarray:
+    """The fraction of ``label_maps`` (already on one grid) giving each label at each voxel: ``(K, X, Y, Z)``
+    float32 summing to 1, in the order of ``label_values``. With maps on the affine template grid this is a
+    probabilistic atlas: a prior that needs no registration beyond the pipeline's affine one."""
+    counts = None
+    n = 0
+    for labels in label_maps:
+        classes = _class_lut(labels, label_values)
+        if counts is None:
+            counts = np.zeros((len(label_values),) + classes.shape, dtype=np.float32)
+        elif classes.shape != counts.shape[1:]:
+            raise ValueError(f"label map {n + 1} has shape {classes.shape}, the first {counts.shape[1:]}")
+        for k in range(len(label_values)):
+            counts[k] += classes == k
+        n += 1
+    if counts is None:
+        raise ValueError("a population prior needs at least one label map")
+    return counts / np.float32(n)
+
+
 def fuse_weighted(target: np.ndarray, warped_images, warped_labels, label_values: Sequence[int], d: float = DEFAULT_D,
                   scale: float = DEFAULT_SCALE, *, channels: bool = False) -> np.ndarray:
     """DeepCERES' intensity-weighted vote: probabilities ``(K, X, Y, Z)`` float32, summing to 1.

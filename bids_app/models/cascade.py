@@ -89,8 +89,11 @@ LOBULES13_PROTOCOL = "lobules13"
 OUTPUT_PROTOCOL = "lobules"
 #: the ``seg-<label>`` entity of the cerebellum derivatives
 CEREBELLUM_SEG = "cerebellum"
-#: prefix of the prior input channels of net 2 (``prior:<lobules13 class name or abbreviation>``)
+#: prefix of the prior input channels of net 2 (``prior:<lobules13 class name or abbreviation>``): the
+#: subject-specific atlas prior (a library); ``population:<class>``: the shipped population prior (no library)
 PRIOR_PREFIX = "prior:"
+POPULATION_PREFIX = "population:"
+PRIOR_KINDS = {PRIOR_PREFIX: "atlas", POPULATION_PREFIX: "population"}
 #: voxels by which net 1's cerebellum mask is dilated before it masks net 2's T1w
 MASK_DILATION = 2
 
@@ -181,16 +184,30 @@ def prior_channel_positions(manifest: dict, where: str = "model") -> tuple[int, 
         lookup[l13.names[k]] = k - 1
         if l13.abbreviations:
             lookup.setdefault(l13.abbreviations[k], k - 1)
+    prefix = _prior_prefix(channels[1])
     positions = []
     for name in channels[1:]:
-        if not name.startswith(PRIOR_PREFIX) or name[len(PRIOR_PREFIX):] not in lookup:
+        if prefix is None or not name.startswith(prefix) or name[len(prefix):] not in lookup:
             raise ModelError(f"{where}: input channel {name!r} is neither T1w nor "
-                             f"'{PRIOR_PREFIX}<{LOBULES13_PROTOCOL} class>'")
-        positions.append(lookup[name[len(PRIOR_PREFIX):]])
+                             f"'{PRIOR_PREFIX}<{LOBULES13_PROTOCOL} class>' / '{POPULATION_PREFIX}<class>' (one "
+                             f"kind of prior per model)")
+        positions.append(lookup[name[len(prefix):]])
     if sorted(positions) != list(range(len(l13) - 1)):
         raise ModelError(f"{where}: the prior channels must be the {len(l13) - 1} lobular classes of "
                          f"{LOBULES13_PROTOCOL!r}, each once (got {len(positions)})")
     return tuple(positions)
+
+
+def _prior_prefix(name: str) -> str | None:
+    return next((p for p in PRIOR_KINDS if name.startswith(p)), None)
+
+
+def prior_kind(manifest: dict, where: str = "model") -> str | None:
+    """Which prior a lobule model takes: ``None``, ``"atlas"`` (``prior:`` channels, a library) or
+    ``"population"`` (``population:`` channels, the shipped population prior); checks the layout."""
+    if prior_channel_positions(manifest, where) is None:
+        return None
+    return PRIOR_KINDS[_prior_prefix(manifest["input_channels"][1]["name"])]
 
 
 def lobule_input(t1w: np.ndarray, mask: np.ndarray, prior13: np.ndarray | None,
@@ -213,12 +230,14 @@ class CerebellumModels:
 
     hemispheres: tuple[Path, ...]
     lobules: tuple[Path, ...]
-    #: the chosen lobule models take the atlas prior
+    #: the chosen lobule models take the (subject-specific) atlas prior
     prior: bool
-    #: why the prior is not used ("" when it is)
+    #: why the atlas prior is not used ("" when it is)
     reason: str = ""
     #: lobule models left out (their channel layout does not fit this run)
     unused: tuple[Path, ...] = ()
+    #: the chosen lobule models take the shipped population prior instead (no library)
+    population: bool = False
 
 
 def _check_protocol(manifest: dict, expected: str, where: Path) -> None:
@@ -231,19 +250,21 @@ def _check_protocol(manifest: dict, expected: str, where: Path) -> None:
 
 
 def select_cerebellum_models(paths: Sequence[str | os.PathLike], *, prior_available: bool,
-                             prior_reason: str = "no cerebellum library given (--library-dir)") -> CerebellumModels:
+                             prior_reason: str = "no cerebellum library given (--library-dir)",
+                             population_available: bool = False) -> CerebellumModels:
     """Check and sort cerebellum checkpoints before any work (no torch); :class:`ModelError` (exit 4).
 
     Every checkpoint must be a cerebellum model (manifest ``task``), its weights a safetensors file
     matching the manifest's checksum, its protocol ``hemispheres`` (net 1, one T1w channel) or
     ``lobules13`` (net 2, :func:`prior_channel_positions`). At least one of each task is needed.
-    With ``prior_available`` the lobule models that take the prior are chosen (the others are left
-    out; without any, those without the prior, and ``reason`` says so); without it the lobule models
-    without prior channels are chosen, and none is an error that says to pass a library.
+    The lobule models are chosen by the best prior this run has: the atlas prior (``prior_available``:
+    a library) for models with ``prior:`` channels, else the population prior (``population_available``:
+    the shipped probabilistic atlas fits the run's crop) for models with ``population:`` channels, else
+    the models without prior channels. When the atlas prior is not used, ``reason`` says why. No lobule
+    model usable in this run is an error that says what to pass.
     """
     hemis: list[Path] = []
-    with_prior: list[Path] = []
-    without: list[Path] = []
+    by_kind: dict[str | None, list[Path]] = {None: [], "atlas": [], "population": []}
     for raw in paths:
         path, manifest = verify_checkpoint(raw)
         task = manifest.get("task")
@@ -255,24 +276,63 @@ def select_cerebellum_models(paths: Sequence[str | os.PathLike], *, prior_availa
             hemis.append(path)
         elif task == LOBULES_TASK:
             _check_protocol(manifest, LOBULES13_PROTOCOL, path)
-            (without if prior_channel_positions(manifest, str(path)) is None else with_prior).append(path)
+            by_kind[prior_kind(manifest, str(path))].append(path)
         else:
             raise ModelError(f"{path}: not a cerebellum model (its manifest task is {task!r}; expected "
                              f"{HEMISPHERES_TASK!r} or {LOBULES_TASK!r})")
     if not hemis:
         raise ModelError(f"no {HEMISPHERES_TASK!r} model among the cerebellum models: the cascade needs one")
-    if not with_prior and not without:
+    if not any(by_kind.values()):
         raise ModelError(f"no {LOBULES_TASK!r} model among the cerebellum models: the cascade needs one")
-    if prior_available and with_prior:
-        return CerebellumModels(tuple(hemis), tuple(with_prior), True, "", tuple(without))
+
+    def chosen(kind: str | None, reason: str) -> CerebellumModels:
+        unused = tuple(p for k, group in by_kind.items() if k != kind for p in group)
+        return CerebellumModels(tuple(hemis), tuple(by_kind[kind]), kind == "atlas", reason, unused,
+                                population=kind == "population")
+
+    if prior_available and by_kind["atlas"]:
+        return chosen("atlas", "")
     if prior_available:
-        return CerebellumModels(tuple(hemis), tuple(without), False,
-                                "no lobule model takes atlas prior channels", ())
-    if not without:
-        raise ModelError(f"every lobule model ({', '.join(p.name for p in with_prior)}) needs the atlas prior, and "
-                         f"{prior_reason}: pass --library-dir (or $ARBORSEG_LIBRARY_DIR) or lobule models without "
-                         f"prior channels")
-    return CerebellumModels(tuple(hemis), tuple(without), False, prior_reason, tuple(with_prior))
+        prior_reason = "no lobule model takes atlas prior channels"
+    if population_available and by_kind["population"]:
+        return chosen("population", prior_reason)
+    if by_kind[None]:
+        return chosen(None, prior_reason)
+    needs = ", ".join(p.name for p in by_kind["atlas"] + by_kind["population"])
+    raise ModelError(f"every lobule model ({needs}) needs a prior this run does not have ({prior_reason}; the "
+                     f"population prior: {'available' if population_available else 'not available'}): pass "
+                     f"--library-dir (or $ARBORSEG_LIBRARY_DIR) or lobule models without prior channels")
+
+
+#: the shipped population prior: a probabilistic atlas of the lobules on the MNI cerebellum crop
+#: (``python -m bids_app.training.population_prior``; ``lobules`` order, with a ``.json`` sidecar)
+POPULATION_PRIOR = Path(__file__).resolve().parent.parent / "data" / "atlases" / "cerebellum-population-prior.nii.gz"
+#: the template space of the population prior's grid
+POPULATION_PRIOR_SPACE = "MNI152NLin6Asym"
+
+
+def population_prior_status(template: str, path: str | os.PathLike | None = None) -> tuple[Path | None, str]:
+    """``(the population prior file, "")`` when it can serve this run, else ``(None, why not)`` (no I/O beyond
+    checking the file and its sidecar)."""
+    path = Path(path) if path is not None else POPULATION_PRIOR
+    if not path.is_file():
+        return None, f"no population prior installed ({path})"
+    if template != POPULATION_PRIOR_SPACE:
+        return None, (f"the population prior is on the {POPULATION_PRIOR_SPACE} crop and this run's template is "
+                      f"{template}")
+    sidecar = population_sidecar(path)
+    try:
+        info = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{sidecar}: the population prior's sidecar cannot be read ({exc})") from exc
+    if info.get("kind") != "population" or info.get("protocol") != OUTPUT_PROTOCOL:
+        raise ModelError(f"{sidecar}: not a population prior of the {OUTPUT_PROTOCOL!r} protocol")
+    return path.resolve(), ""
+
+
+def population_sidecar(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    return path.with_name(path.name.removesuffix(".gz").removesuffix(".nii") + ".json")
 
 
 def default_cerebellum_models(folder: str | os.PathLike | None = None) -> list[str]:
@@ -649,6 +709,9 @@ def cerebellum_files(crop_t1w: str, source_file: str, inverse_transform: str, he
         if pimg.ndim != 4 or pimg.shape[:3] != img.shape:
             raise ValueError(f"{prior_file}: the atlas prior must be 4D on the crop grid {img.shape}, its shape is "
                              f"{pimg.shape}")
+        if not np.allclose(pimg.affine, img.affine, atol=1e-3):
+            raise ValueError(f"{prior_file}: the prior is not on the crop's grid (affines differ: "
+                             f"{np.round(pimg.affine[:3], 3).tolist()} vs {np.round(img.affine[:3], 3).tolist()})")
         prior = np.moveaxis(np.asarray(pimg.dataobj, dtype=np.float32), -1, 0)
     scale = native_volume_scale(inverse_transform)
 
@@ -684,13 +747,19 @@ def cerebellum_files(crop_t1w: str, source_file: str, inverse_transform: str, he
     outputs["morph"] = write_morphometry_tsv(rows, out / "morph.tsv")
     outputs["dseg_tsv"] = str(atomic_write_text(out / "dseg.tsv", dseg_tsv(protocol)))
     hemi_cv, hemi_mcv, hemi_flag = merged_cv(result, HEMISPHERES_PROTOCOL)
-    atlas: dict[str, Any] = {"used": bool(result.prior_used),
-                             "reason": "" if result.prior_used else (prior_reason or "no atlas prior given")}
+    details = None
     if result.prior_used and prior_json:
         try:
-            atlas["details"] = json.loads(Path(prior_json).read_text())
+            details = json.loads(Path(prior_json).read_text())
         except (OSError, ValueError) as exc:
             log.warning("%s: cannot read the atlas prior's summary (%s)", prior_json, exc)
+    # "kind": "atlas" (subject-specific, from a library) or "population" (the shipped probabilistic atlas, used
+    # without a library; "reason" then says why the subject-specific prior is not)
+    kind = (details or {}).get("kind", "atlas") if result.prior_used else None
+    atlas: dict[str, Any] = {"used": bool(result.prior_used), "kind": kind,
+                             "reason": "" if kind == "atlas" else (prior_reason or "no atlas prior given")}
+    if details is not None:
+        atlas["details"] = details
     qc = {
         "Description": "Monte-Carlo dropout quality control of the cerebellar lobule segmentation (cascade of a "
                        "hemisphere and a lobule ensemble): coefficient of variation (CV) of every structure's volume "

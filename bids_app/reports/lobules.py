@@ -308,7 +308,8 @@ def _get(data: Any, *keys: str) -> Any:
 
 
 def atlas_prior_line(qc: Mapping[str, Any]) -> str:
-    """One sentence: whether the subject-specific atlas prior was used (``atlas_prior`` of the QC JSON)."""
+    """One sentence: whether the subject-specific atlas prior, the population prior or none was used
+    (``atlas_prior`` of the QC JSON)."""
     prior = _get(qc, "atlas_prior", "AtlasPrior")
     if prior is None:
         return "Atlas prior: not recorded in the QC file."
@@ -327,6 +328,12 @@ def atlas_prior_line(qc: Mapping[str, Any]) -> str:
         listed = next((v for d in sources if isinstance(v := _get(d, "cases", "Cases", "selected", "Selected"),
                                                         (list, tuple))), None)
         n_cases = len(listed) if listed is not None else None
+    kind = next((v for d in sources if (v := _get(d, "kind", "Kind"))), None)
+    if used and kind == "population":
+        text = "Atlas prior: the population prior (a probabilistic atlas"
+        text += f" of {n_cases} library cases" if n_cases is not None else ""
+        text += " on the template crop, the same for every subject), not a subject-specific one"
+        return text + (f" ({reason})." if reason else ".")
     if used:
         facts = [f"{n_cases} library cases" if n_cases is not None else "",
                  f"library {library}" if library else ""]

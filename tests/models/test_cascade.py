@@ -22,6 +22,7 @@ from bids_app.models.cascade import (
     lobule_input,
     merged_cv,
     prior_channel_positions,
+    prior_kind,
     segment_cerebellum,
     select_cerebellum_models,
 )
@@ -32,8 +33,8 @@ L13 = load_protocol("lobules13")
 HEMI = load_protocol("hemispheres")
 
 
-def prior_channels(order=None):
-    names = [f"prior:{n}" for n in L13.names[1:]]
+def prior_channels(order=None, prefix="prior:"):
+    names = [f"{prefix}{n}" for n in L13.names[1:]]
     return [{"name": "T1w", "normalisation": "percentile99"}] + [
         {"name": names[i], "normalisation": "none"} for i in (order or range(len(names)))]
 
@@ -46,7 +47,10 @@ def tiny_cerebellum_checkpoint(path_stem, *, task, arch="unet", voxel_size_mm=1.
 
     torch.manual_seed(seed)
     protocol = HEMI if task == HEMISPHERES_TASK else L13
-    channels = prior_channels() if prior else [{"name": "T1w", "normalisation": "percentile99"}]
+    if prior:  # True: the atlas prior's channels; "population": the population prior's
+        channels = prior_channels(prefix="population:" if prior == "population" else "prior:")
+    else:
+        channels = [{"name": "T1w", "normalisation": "percentile99"}]
     if arch == "unet":
         net = UNet3D(in_channels=len(channels), n_classes=len(protocol), base_filters=2, depth=1)
     else:
@@ -145,6 +149,14 @@ def test_prior_channel_layouts():
         prior_channel_positions({"input_channels": [{"name": "T1w"}, {"name": "T2w"}]})
     with pytest.raises(ModelError, match="each once"):
         prior_channel_positions({"input_channels": prior_channels()[:5]})
+    population = prior_channels(order, prefix="population:")
+    assert prior_channel_positions({"input_channels": population}) == tuple(order)
+    assert prior_kind({"input_channels": population}) == "population"
+    assert prior_kind({"input_channels": prior_channels()}) == "atlas"
+    assert prior_kind({"input_channels": [{"name": "T1w"}]}) is None
+    mixed = prior_channels()[:7] + population[7:]
+    with pytest.raises(ModelError, match="one kind of prior per model"):
+        prior_channel_positions({"input_channels": mixed})
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -162,6 +174,8 @@ def models(tmp_path_factory):
                                                     prior=True, seed=4),
         "lob_prior_unet": tiny_cerebellum_checkpoint(root / "lob-prior-unet", task=LOBULES_TASK, prior=True,
                                                      voxel_size_mm=2.0, seed=5),
+        "lob_population_dpn": tiny_cerebellum_checkpoint(root / "lob-population-dpn", task=LOBULES_TASK, arch="dpn",
+                                                         prior="population", seed=6),
         "root": root,
     }
 
@@ -179,6 +193,18 @@ def test_model_selection(models, tmp_path):
     assert not fallback.prior and "no lobule model takes atlas prior" in fallback.reason
     with pytest.raises(ModelError, match="--library-dir"):
         select_cerebellum_models([models["hemi_unet"], models["lob_prior_dpn"]], prior_available=False)
+    # the population prior: chosen without a library when it fits the run; the atlas prior first with one
+    every = all_paths + [models["lob_population_dpn"]]
+    pop = select_cerebellum_models(every, prior_available=False, prior_reason="no library", population_available=True)
+    assert pop.population and not pop.prior and pop.reason == "no library"
+    assert pop.lobules == (models["lob_population_dpn"].resolve(),)
+    assert set(pop.unused) == {models["lob_unet"].resolve(), models["lob_prior_dpn"].resolve()}
+    lib = select_cerebellum_models(every, prior_available=True, population_available=True)
+    assert lib.prior and not lib.population and lib.lobules == (models["lob_prior_dpn"].resolve(),)
+    no_pop = select_cerebellum_models(every, prior_available=False, population_available=False)
+    assert not no_pop.population and no_pop.lobules == (models["lob_unet"].resolve(),)
+    with pytest.raises(ModelError, match="population prior: not available"):
+        select_cerebellum_models([models["hemi_unet"], models["lob_population_dpn"]], prior_available=False)
     with pytest.raises(ModelError, match="cerebellum-hemispheres"):
         select_cerebellum_models([models["lob_unet"]], prior_available=False)
     with pytest.raises(ModelError, match="cerebellum-lobules"):
@@ -205,7 +231,7 @@ def test_default_models_by_task(models, tmp_path, monkeypatch, no_package_models
     monkeypatch.setenv("ARBORSEG_MODELS_DIR", str(tmp_path / "none"))
     assert default_cerebellum_models() == []
     found = default_cerebellum_models(models["root"])
-    assert len(found) == 5 and all(p.endswith(".json") for p in found)
+    assert len(found) == 6 and all(p.endswith(".json") for p in found)
 
 
 # --------------------------------------------------------------------------- ensemble / MC path

@@ -238,6 +238,10 @@ def test_empty_segmentation_draws_placeholders(tmp_path, caplog):
     ({"atlas_prior": True}, "Atlas prior: used."),
     ({"atlas_prior": {"used": True, "reason": "", "details": {"selected": ["a", "b", "c"]}}}, "; 3 library cases)."),
     ({}, "not recorded"),
+    ({"atlas_prior": {"used": True, "kind": "population", "reason": "no library given",
+                      "details": {"kind": "population", "n_cases": 20}}},
+     "the population prior (a probabilistic atlas of 20 library cases on the template crop, the same for every "
+     "subject), not a subject-specific one (no library given)."),
 ])
 def test_atlas_prior_line(qc, expected):
     assert expected in lob.atlas_prior_line(qc)

@@ -51,18 +51,25 @@ def cer(tmp_path_factory):
     prior /= prior.sum(axis=-1, keepdims=True)
     nb.save(nb.Nifti1Image(prior, affine), str(root / "prior.nii.gz"))
     (root / "prior.json").write_text(json.dumps({"n_atlases": 3, "cases": ["a", "b", "c"]}))
+    # a population prior on the crop grid (uint8, as the shipped one is stored) and its sidecar
+    population = nb.Nifti1Image(prior[..., ::-1].copy(), affine)
+    population.set_data_dtype(np.uint8)
+    nb.save(population, str(root / "population.nii.gz"))
+    (root / "population.json").write_text(json.dumps({"kind": "population", "protocol": "lobules", "n_cases": 4}))
     models = root / "models"
     return {
         "root": root, "crop": root / "crop.nii.gz", "raw": root / "sub-01_T1w.nii.gz", "shape": shape,
         "affine": affine, "las": las, "identity": _write_transform(root / "identity.mat"),
         "scaled": _write_transform(root / "scaled.mat", 0.9), "prior": root / "prior.nii.gz",
-        "prior_json": root / "prior.json",
+        "prior_json": root / "prior.json", "population": root / "population.nii.gz",
         "hemi": tiny_cerebellum_checkpoint(models / "tiny-hemi", task=HEMISPHERES_TASK, seed=1),
         "hemi2": tiny_cerebellum_checkpoint(models / "tiny-hemi-dpn", task=HEMISPHERES_TASK, arch="dpn",
                                             voxel_size_mm=2.0, seed=2),
         "lob": tiny_cerebellum_checkpoint(models / "tiny-lob", task=LOBULES_TASK, seed=3),
         "lob_prior": tiny_cerebellum_checkpoint(models / "tiny-lob-prior", task=LOBULES_TASK, arch="dpn",
                                                 prior=True, seed=4),
+        "lob_population": tiny_cerebellum_checkpoint(models / "tiny-lob-population", task=LOBULES_TASK, arch="dpn",
+                                                     prior="population", seed=6),
     }
 
 
@@ -252,6 +259,52 @@ def test_prior_hook_and_prior_sink(cer, tmp_path):
     assert len(ds.inputs.meta_dict["LabelMap"]) == 27
 
 
+def test_population_prior_feeds_the_models_and_the_qc_without_a_derivative(cer, tmp_path):
+    """No library: the population prior (one file for every subject) is the prior of ``population:`` models; the
+    QC JSON and the report say so; it is not written per subject."""
+    from nipype.pipeline import engine as pe
+
+    from bids_app.reports.lobules import atlas_prior_line
+    from workflows.cerebellum import init_cerebellum_derivatives_wf, init_cerebellum_wf
+
+    cer_wf = init_cerebellum_wf(hemisphere_checkpoints=[str(cer["hemi"])],
+                                lobule_checkpoints=[str(cer["lob_population"])], mc_samples=2, seed=3, device="cpu",
+                                prior_reason="no cerebellum library given", population_prior=str(cer["population"]))
+    segment = cer_wf.get_node("segment")
+    assert segment.inputs.prior_file == str(cer["population"])
+    assert segment.inputs.prior_json == str(cer["root"] / "population.json")
+    assert segment.inputs.prior_reason == "no cerebellum library given"
+    out = tmp_path / "out"
+    der_wf = init_cerebellum_derivatives_wf(output_dir=str(out), source_file=str(cer["raw"]), source_uri="bids:raw:x",
+                                            template="MNI152NLin6Asym", models=["tiny-hemi", "tiny-lob-population"],
+                                            mc_samples=2, prior_used=False)
+    wf = pe.Workflow(name="population_test", base_dir=str(tmp_path / "work"))
+    fields = ["dseg_crop", "probseg_crop", "entropy_crop", "dseg", "morph", "dseg_tsv", "qc_json"]
+    wf.connect([(cer_wf, der_wf, [(f"outputnode.{f}", f"inputnode.{f}") for f in fields])])
+    node = wf.get_node("cerebellum_wf.inputnode")
+    node.inputs.cerebellum_crop = str(cer["crop"])
+    node.inputs.source_file = str(cer["raw"])
+    node.inputs.inverse_transform = str(cer["identity"])
+    node.inputs.icv_ml = 1200.0
+    wf.run()
+    qc = json.loads(next(out.rglob("*_seg-cerebellum_qc.json")).read_text())
+    prior = qc["atlas_prior"]
+    assert prior["used"] is True and prior["kind"] == "population"
+    assert prior["reason"] == "no cerebellum library given" and prior["details"]["n_cases"] == 4
+    assert "the population prior (a probabilistic atlas of 4 library cases" in atlas_prior_line(qc)
+    assert not list(out.rglob("*desc-prior_probseg*"))
+
+
+def test_a_prior_off_the_crop_grid_is_refused(cer, tmp_path, monkeypatch):
+    shifted = nb.load(str(cer["population"]))
+    moved = shifted.affine.copy()
+    moved[0, 3] += 2.0
+    nb.save(nb.Nifti1Image(np.asarray(shifted.dataobj, np.float32), moved), str(tmp_path / "shifted.nii.gz"))
+    with pytest.raises(Exception, match="not on the crop's grid"):
+        _run(cer, tmp_path / "shifted", monkeypatch, lobule_checkpoints=[str(cer["lob_population"])],
+             prior_file=str(tmp_path / "shifted.nii.gz"), isolate=False)
+
+
 def test_threads_and_device_do_not_change_the_hash(cer, tmp_path):
     import nipype
     from copy import deepcopy
@@ -381,6 +434,15 @@ def test_run_config(cer, tmp_path, monkeypatch, no_package_models):
     assert exc.value.exit_code == 4
     with pytest.raises(ModelError, match="--library-dir"):
         config("--cerebellum-models", cer["hemi"], cer["lob_prior"])
+    # a lobule model taking the population prior: chosen without a library (the shipped prior, MNI152NLin6Asym)
+    from bids_app.models.cascade import POPULATION_PRIOR
+
+    pop = config("--cerebellum-models", *models, cer["lob_population"])
+    assert pop.lobule_checkpoints == (cer["lob_population"].resolve(),) and not pop.use_prior
+    assert pop.population_prior == POPULATION_PRIOR.resolve() and "no cerebellum library" in pop.prior_reason
+    assert config("--cerebellum-models", *models, cer["lob_population"], "--library-dir", library).use_prior
+    other_space = config("--cerebellum-models", *models, cer["lob_population"], "--template", "Other")
+    assert other_space.population_prior is None and other_space.lobule_checkpoints == (cer["lob"].resolve(),)
     # installed: picked by their manifest's task; only one of the two tasks: skipped with a reason
     monkeypatch.setenv("ARBORSEG_MODELS_DIR", str(cer["hemi"].parent))
     installed = config()
