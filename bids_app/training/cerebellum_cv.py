@@ -24,7 +24,7 @@ import nibabel as nib
 import numpy as np
 
 from bids_app.atomic import atomic_output
-from bids_app.core.labels import load_mapping, load_protocol
+from bids_app.core.labels import load_protocol
 from bids_app.core.lobules import vermis_agreement
 
 log = logging.getLogger(__name__)
@@ -81,9 +81,15 @@ def _library_cases(library_dir: Path) -> list[dict]:
 def run_cerebellum_cv(library_dir: Path, oasis_dir: Path, template: Path, out_dir: Path, *,
                       test_subjects: list[str], hemisphere: list[str], lobules: dict[str, list[str]],
                       mc_samples: int = 5, atlas_n: int | None = None, degrade_kinds=DEGRADATIONS,
-                      threads: int = 2) -> dict:
-    """Score every method on the test subjects; writes ``subjects.tsv`` and ``summary.json``."""
-    from bids_app.models.cascade import segment_cerebellum
+                      threads: int = 2, population_prior: Path | None = None, robust: str | None = None) -> dict:
+    """Score every method on the test subjects; writes ``subjects.tsv`` and ``summary.json``.
+
+    Each set of lobule models gets the prior its channels ask for: the leave-subject-out atlas prior
+    (``atlas_n``), the population prior file (``population_prior``, built without the test subjects) or none.
+    The corruptions run with the set ``robust`` (default: ``ensemble`` if given, else the first set).
+    """
+    from bids_app.models.cascade import prior_kind, segment_cerebellum
+    from bids_app.models.checkpoint import verify_checkpoint
 
     from .library import subject_to_crop
 
@@ -92,6 +98,20 @@ def run_cerebellum_cv(library_dir: Path, oasis_dir: Path, template: Path, out_di
     cases = [c for c in _library_cases(library_dir) if c["subject"] in test_subjects and not c["mirrored"]]
     if not cases:
         raise ValueError(f"no library case of {test_subjects}")
+    kinds = {}
+    for method, models in lobules.items():
+        found = {prior_kind(verify_checkpoint(m)[1], m) for m in models}
+        if len(found) != 1:
+            raise ValueError(f"lobule set {method!r} mixes models taking different priors")
+        kinds[method] = found.pop()
+        if kinds[method] == "atlas" and not atlas_n:
+            raise ValueError(f"lobule set {method!r} takes the atlas prior: give atlas_n")
+        if kinds[method] == "population" and population_prior is None:
+            raise ValueError(f"lobule set {method!r} takes the population prior: give population_prior")
+    population = None
+    if population_prior is not None:
+        pimg = nib.load(str(population_prior))
+        population = np.moveaxis(np.asarray(pimg.dataobj, dtype=np.float32), -1, 0)
     rows: list[dict] = []
     timing: dict[str, list[float]] = {}
     for i, case in enumerate(cases, 1):
@@ -125,16 +145,18 @@ def run_cerebellum_cv(library_dir: Path, oasis_dir: Path, template: Path, out_di
                                 exclude_subjects=[case["subject"]]).probabilities
             pred = load_protocol("lobules").to_labels(np.argmax(prior, axis=0))
             add(f"atlas-fusion-n{atlas_n}", pred, time.perf_counter() - t0)
+        priors = {"atlas": prior, "population": population, None: None}
         for method, models in lobules.items():
             t0 = time.perf_counter()
-            res = segment_cerebellum(crop, hemisphere, models, prior=prior, mc_samples=mc_samples, num_threads=threads)
+            res = segment_cerebellum(crop, hemisphere, models, prior=priors[kinds[method]], mc_samples=mc_samples,
+                                     num_threads=threads)
             add(method, res.labels, time.perf_counter() - t0, mean_cv_percent=round(float(res.mean_cv_percent), 2),
-                prior=bool(res.prior_used))
-        ens = "ensemble" if "ensemble" in lobules else next(iter(lobules))
+                prior=kinds[method] or "none")
+        ens = robust or ("ensemble" if "ensemble" in lobules else next(iter(lobules)))
         for kind in degrade_kinds:
             t0 = time.perf_counter()
-            res = segment_cerebellum(degrade_crop(crop, kind, seed=i), hemisphere, lobules[ens], prior=prior,
-                                     mc_samples=mc_samples, num_threads=threads)
+            res = segment_cerebellum(degrade_crop(crop, kind, seed=i), hemisphere, lobules[ens],
+                                     prior=priors[kinds[ens]], mc_samples=mc_samples, num_threads=threads)
             add(f"{ens}+{kind}", res.labels, time.perf_counter() - t0,
                 mean_cv_percent=round(float(res.mean_cv_percent), 2))
         _write(out_dir, rows, timing, test_subjects)
@@ -183,6 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--degrade", nargs="*", default=list(DEGRADATIONS),
                         help="corruptions run with the 'ensemble' set (else the first set)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--population-prior", type=Path,
+                        help="population prior (python -m bids_app.training.population_prior, without the test "
+                             "subjects) for lobule models with population: channels")
+    parser.add_argument("--robust", help="the lobule set the corruptions run with (default: ensemble, else the first)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     lobules = {}
@@ -192,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
             lobules[name] = paths.split(",")
     summary = run_cerebellum_cv(args.library, args.oasis, args.template, args.out, test_subjects=args.test_subjects,
                                 hemisphere=args.hemisphere, lobules=lobules, mc_samples=args.mc_samples,
-                                atlas_n=args.atlas_n or None, degrade_kinds=args.degrade, threads=args.threads)
+                                atlas_n=args.atlas_n or None, degrade_kinds=args.degrade, threads=args.threads,
+                                population_prior=args.population_prior, robust=args.robust)
     for m, v in summary["methods"].items():
         print(m, " ".join(f"{k}={v[k]['mean']:.3f}±{v[k]['std']:.3f}" for k in v if isinstance(v[k], dict)
                           and "mean" in v[k]))

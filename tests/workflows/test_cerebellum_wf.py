@@ -131,7 +131,7 @@ def test_interface_tables_and_qc(cer, isolated):
     qc = json.loads(Path(isolated.qc_json).read_text())
     assert qc["Task"] == "cerebellum" and qc["LabelProtocol"] == "lobules"
     assert qc["MCSamples"] == 2 and qc["Seed"] == 5 and qc["QCFlag"] == isolated.qc_flag
-    assert qc["atlas_prior"] == {"used": False, "reason": "no cerebellum library given"}
+    assert qc["atlas_prior"] == {"used": False, "kind": None, "reason": "no cerebellum library given"}
     assert [m["Task"] for m in qc["Models"]] == [HEMISPHERES_TASK, HEMISPHERES_TASK, LOBULES_TASK]
     assert [m["Name"] for m in qc["Models"]] == ["tiny-hemi", "tiny-hemi-dpn", "tiny-lob"]
     assert len(qc["Protocols"]["lobules"]["Structures"]) == 26
