@@ -9,7 +9,8 @@ default the first non-mirrored case of ``--library`` (its own subject is left ou
 ``--models`` defaults to the installed cerebellum models. Printed, in the same run:
 
 * ``atlas prior``: selection, N ANTs SyN registrations and the intensity-weighted fusion (only with a
-  library; DeepCERES' pipeline does this with a learned registration network on a GPU);
+  library; DeepCERES' pipeline does this with a learned registration network on a GPU); without a library,
+  ``population prior (read)`` when the chosen lobule models take the shipped population prior;
 * ``cascade 1 pass``: one deterministic forward of both stages' ensembles, the baseline;
 * ``cascade MC-N``: the pipeline's setting;
 * the total of the branch (prior + MC-N) against the goal of 3 minutes on a 2-core CPU.
@@ -45,7 +46,8 @@ def main() -> int:
 
     import torch
 
-    from bids_app.models.cascade import default_cerebellum_models, segment_cerebellum, select_cerebellum_models
+    from bids_app.models.cascade import (default_cerebellum_models, population_prior_status, segment_cerebellum,
+                                         select_cerebellum_models)
 
     torch.set_num_threads(args.threads)
     subject = None
@@ -57,7 +59,9 @@ def main() -> int:
         args.crop, subject = args.library / first["t1w"], first["subject"]
     img = nib.load(str(args.crop))
     crop = np.asarray(img.dataobj, dtype=np.float32)
-    models = select_cerebellum_models(args.models or default_cerebellum_models(), prior_available=args.library is not None)
+    population, _why = population_prior_status("MNI152NLin6Asym")
+    models = select_cerebellum_models(args.models or default_cerebellum_models(), prior_available=args.library is not None,
+                                      population_available=population is not None)
     hemis = [str(p) for p in models.hemispheres]
     lobules = [str(p) for p in models.lobules]
     rows = []
@@ -73,6 +77,11 @@ def main() -> int:
         t_prior = time.perf_counter() - t0
         prior = res.probabilities
         rows.append((f"atlas prior (N={n})", t_prior))
+    elif models.population:
+        t0 = time.perf_counter()
+        prior = np.moveaxis(np.asarray(nib.load(str(population)).dataobj, dtype=np.float32), -1, 0)
+        t_prior = time.perf_counter() - t0
+        rows.append(("population prior (read)", t_prior))
     for label, samples in (("cascade 1 pass (baseline)", 1), (f"cascade MC-{args.mc_samples}", args.mc_samples)):
         t0 = time.perf_counter()
         out = segment_cerebellum(crop, hemis, lobules, prior=prior, mc_samples=samples, device=args.device,
@@ -82,7 +91,7 @@ def main() -> int:
     rows.append((f"branch total (prior + MC-{args.mc_samples})", total))
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"crop {args.crop} {crop.shape}, {len(hemis)} hemisphere + {len(lobules)} lobule models "
-          f"(prior: {'yes' if prior is not None else 'no'}), device {args.device}, {args.threads} threads")
+          f"(prior: {'atlas' if models.prior else 'population' if models.population else 'none'}), device {args.device}, {args.threads} threads")
     for label, seconds in rows:
         print(f"{label:40s} {seconds:8.1f} s")
     print(f"{'peak memory':40s} {peak_mb:8.0f} MB")

@@ -81,12 +81,13 @@ def _library_cases(library_dir: Path) -> list[dict]:
 def run_cerebellum_cv(library_dir: Path, oasis_dir: Path, template: Path, out_dir: Path, *,
                       test_subjects: list[str], hemisphere: list[str], lobules: dict[str, list[str]],
                       mc_samples: int = 5, atlas_n: int | None = None, degrade_kinds=DEGRADATIONS,
-                      threads: int = 2, population_prior: Path | None = None, robust: str | None = None) -> dict:
+                      threads: int = 2, population_prior: Path | None = None,
+                      robust: list[str] | None = None) -> dict:
     """Score every method on the test subjects; writes ``subjects.tsv`` and ``summary.json``.
 
     Each set of lobule models gets the prior its channels ask for: the leave-subject-out atlas prior
     (``atlas_n``), the population prior file (``population_prior``, built without the test subjects) or none.
-    The corruptions run with the set ``robust`` (default: ``ensemble`` if given, else the first set).
+    The corruptions run with the sets ``robust`` (default: ``ensemble`` if given, else the first set).
     """
     from bids_app.models.cascade import prior_kind, segment_cerebellum
     from bids_app.models.checkpoint import verify_checkpoint
@@ -98,6 +99,9 @@ def run_cerebellum_cv(library_dir: Path, oasis_dir: Path, template: Path, out_di
     cases = [c for c in _library_cases(library_dir) if c["subject"] in test_subjects and not c["mirrored"]]
     if not cases:
         raise ValueError(f"no library case of {test_subjects}")
+    unknown = [r for r in robust or [] if r not in lobules]
+    if unknown:
+        raise ValueError(f"--robust {', '.join(unknown)}: not among the lobule sets {', '.join(lobules)}")
     kinds = {}
     for method, models in lobules.items():
         found = {prior_kind(verify_checkpoint(m)[1], m) for m in models}
@@ -152,13 +156,13 @@ def run_cerebellum_cv(library_dir: Path, oasis_dir: Path, template: Path, out_di
                                      num_threads=threads)
             add(method, res.labels, time.perf_counter() - t0, mean_cv_percent=round(float(res.mean_cv_percent), 2),
                 prior=kinds[method] or "none")
-        ens = robust or ("ensemble" if "ensemble" in lobules else next(iter(lobules)))
-        for kind in degrade_kinds:
-            t0 = time.perf_counter()
-            res = segment_cerebellum(degrade_crop(crop, kind, seed=i), hemisphere, lobules[ens],
-                                     prior=priors[kinds[ens]], mc_samples=mc_samples, num_threads=threads)
-            add(f"{ens}+{kind}", res.labels, time.perf_counter() - t0,
-                mean_cv_percent=round(float(res.mean_cv_percent), 2))
+        for ens in robust or ["ensemble" if "ensemble" in lobules else next(iter(lobules))]:
+            for kind in degrade_kinds:
+                t0 = time.perf_counter()
+                res = segment_cerebellum(degrade_crop(crop, kind, seed=i), hemisphere, lobules[ens],
+                                         prior=priors[kinds[ens]], mc_samples=mc_samples, num_threads=threads)
+                add(f"{ens}+{kind}", res.labels, time.perf_counter() - t0,
+                    mean_cv_percent=round(float(res.mean_cv_percent), 2))
         _write(out_dir, rows, timing, test_subjects)
     return _write(out_dir, rows, timing, test_subjects)
 
@@ -208,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--population-prior", type=Path,
                         help="population prior (python -m bids_app.training.population_prior, without the test "
                              "subjects) for lobule models with population: channels")
-    parser.add_argument("--robust", help="the lobule set the corruptions run with (default: ensemble, else the first)")
+    parser.add_argument("--robust", nargs="+", help="the lobule sets the corruptions run with (default: ensemble, "
+                                                    "else the first)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     lobules = {}

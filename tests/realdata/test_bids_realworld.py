@@ -107,7 +107,7 @@ def test_group_outputs(realworld):
 
 
 def test_cerebellum_branch_is_sensible(realworld):
-    """The shipped cerebellum cascade on the whole-head 0.88 mm scan (no library: no atlas prior)."""
+    """The shipped cerebellum cascade on the whole-head 0.88 mm scan (no library: the population prior)."""
     from bids_app.core.morphometry import read_morphometry_tsv
 
     out = realworld["out"]
@@ -128,7 +128,9 @@ def test_cerebellum_branch_is_sensible(realworld):
     wm = [float(rows[f"{s}-Cerebellum-White-Matter"]["volume_mm3"]) for s in ("Left", "Right")]
     assert all(5_000 < v < 40_000 for v in wm), wm
     qc = json.loads((anat / "sub-chris_seg-cerebellum_qc.json").read_text())
-    assert qc["atlas_prior"]["used"] is False and qc["atlas_prior"]["reason"]
+    prior = qc["atlas_prior"]
+    assert prior["used"] is True and prior["kind"] == "population" and "library" in prior["reason"]
+    assert prior["details"]["kind"] == "population" and prior["details"]["n_cases"] == 20
     assert (out / "sub-chris_seg-cerebellum_report.pdf").read_bytes()[:4] == b"%PDF"
 
 
