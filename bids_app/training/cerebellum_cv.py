@@ -149,6 +149,8 @@ def run_cerebellum_cv(library_dir: Path, oasis_dir: Path, template: Path, out_di
                                 exclude_subjects=[case["subject"]]).probabilities
             pred = load_protocol("lobules").to_labels(np.argmax(prior, axis=0))
             add(f"atlas-fusion-n{atlas_n}", pred, time.perf_counter() - t0)
+        if population is not None:  # the population prior alone (its argmax; no image, no registration)
+            add("population-prior", load_protocol("lobules").to_labels(np.argmax(population, axis=0)), 0.0)
         priors = {"atlas": prior, "population": population, None: None}
         for method, models in lobules.items():
             t0 = time.perf_counter()
