@@ -79,7 +79,9 @@ def main() -> int:
         rows.append((f"atlas prior (N={n})", t_prior))
     elif models.population:
         t0 = time.perf_counter()
-        prior = np.moveaxis(np.asarray(nib.load(str(population)).dataobj, dtype=np.float32), -1, 0)
+        from bids_app.atlas_library import prior_probabilities
+
+        prior = prior_probabilities(nib.load(str(population)))
         t_prior = time.perf_counter() - t0
         rows.append(("population prior (read)", t_prior))
     for label, samples in (("cascade 1 pass (baseline)", 1), (f"cascade MC-{args.mc_samples}", args.mc_samples)):

@@ -221,6 +221,11 @@ def prior_image(result, affine, *, storage: str = PRIOR_STORAGE):
     return img
 
 
+def prior_probabilities(img) -> np.ndarray:
+    """A prior image as :func:`prior_image` writes it (X, Y, Z, K), read back as ``(K, X, Y, Z)`` float32."""
+    return np.moveaxis(np.asarray(img.dataobj, dtype=np.float32), -1, 0)
+
+
 def save_prior(result, affine, out_file, *, storage: str = PRIOR_STORAGE) -> str:
     """Write :func:`prior_image` atomically; returns the path."""
     from .core.files import save_atomic

@@ -82,6 +82,14 @@ def _image_qc(qc_json, t2_source, t2_reason, superres_reason, superres_json=None
     return out
 
 
+def _image_model_node(interface, checkpoint, name: str, omp_nthreads: int, device: str):
+    """A node of an image-model stage (super-resolution, T2 synthesis): ``checkpoint`` or the installed model."""
+    spec = interface(num_threads=omp_nthreads, device=device)
+    if checkpoint:
+        spec.inputs.checkpoint = str(checkpoint)
+    return pe.Node(spec, name=name, n_procs=omp_nthreads, mem_gb=2.0)
+
+
 def init_cerebellum_wf(*, hemisphere_checkpoints: Sequence[str], lobule_checkpoints: Sequence[str],
                        mc_samples: int = 15, seed: int = 42, omp_nthreads: int = 1, device: str = "auto",
                        use_prior: bool = False, library_dir: str | None = None, n_atlases: int | None = None,
@@ -139,20 +147,14 @@ def init_cerebellum_wf(*, hemisphere_checkpoints: Sequence[str], lobule_checkpoi
         (qc_images, outputnode, [("out_file", "qc_json")]),
     ])
     if superres:
-        sr = SuperResolution(num_threads=omp_nthreads, device=device)
-        if superres_checkpoint:
-            sr.inputs.checkpoint = str(superres_checkpoint)
-        sr_node = pe.Node(sr, name="superres", n_procs=omp_nthreads, mem_gb=2.0)
+        sr_node = _image_model_node(SuperResolution, superres_checkpoint, "superres", omp_nthreads, device)
         wf.connect([
             (inputnode, sr_node, [("cerebellum_crop", "in_file")]),
             (sr_node, outputnode, [("out_file", "superres_crop"), ("out_json", "superres_json")]),
             (sr_node, qc_images, [("out_json", "superres_json")]),
         ])
     if t2_source == "synthetic":
-        synth = T2Synthesis(num_threads=omp_nthreads, device=device)
-        if t2synth_checkpoint:
-            synth.inputs.checkpoint = str(t2synth_checkpoint)
-        t2_node = pe.Node(synth, name="t2_synth", n_procs=omp_nthreads, mem_gb=2.0)
+        t2_node = _image_model_node(T2Synthesis, t2synth_checkpoint, "t2_synth", omp_nthreads, device)
         wf.connect(inputnode, "cerebellum_crop", t2_node, "in_file")
     elif t2_source == "real":
         t2_node = pe.Node(RealT2w(random_seed=seed, num_threads=omp_nthreads), name="t2_register",
@@ -168,10 +170,10 @@ def init_cerebellum_wf(*, hemisphere_checkpoints: Sequence[str], lobule_checkpoi
             (t2_node, qc_images, [("out_json", "t2_json")]),
         ])
     if population_prior and not use_prior:
-        from bids_app.models.cascade import population_sidecar
+        from bids_app.atlas_library import sidecar_path
 
         segment.inputs.prior_file = str(population_prior)
-        segment.inputs.prior_json = str(population_sidecar(population_prior))
+        segment.inputs.prior_json = str(sidecar_path(population_prior))
         return wf
     if not use_prior:
         return wf

@@ -320,7 +320,9 @@ def population_prior_status(template: str, path: str | os.PathLike | None = None
     if template != POPULATION_PRIOR_SPACE:
         return None, (f"the population prior is on the {POPULATION_PRIOR_SPACE} crop and this run's template is "
                       f"{template}")
-    sidecar = population_sidecar(path)
+    from ..atlas_library import sidecar_path
+
+    sidecar = sidecar_path(path)
     try:
         info = json.loads(sidecar.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -328,11 +330,6 @@ def population_prior_status(template: str, path: str | os.PathLike | None = None
     if info.get("kind") != "population" or info.get("protocol") != OUTPUT_PROTOCOL:
         raise ModelError(f"{sidecar}: not a population prior of the {OUTPUT_PROTOCOL!r} protocol")
     return path.resolve(), ""
-
-
-def population_sidecar(path: str | os.PathLike) -> Path:
-    path = Path(path)
-    return path.with_name(path.name.removesuffix(".gz").removesuffix(".nii") + ".json")
 
 
 def default_cerebellum_models(folder: str | os.PathLike | None = None) -> list[str]:
@@ -690,6 +687,7 @@ def cerebellum_files(crop_t1w: str, source_file: str, inverse_transform: str, he
     """
     import nibabel as nb
 
+    from ..atlas_library import prior_probabilities
     from ..bids import atomic_write_json, atomic_write_text
     from ..core import images
     from ..core.files import save_atomic
@@ -712,7 +710,7 @@ def cerebellum_files(crop_t1w: str, source_file: str, inverse_transform: str, he
         if not np.allclose(pimg.affine, img.affine, atol=1e-3):
             raise ValueError(f"{prior_file}: the prior is not on the crop's grid (affines differ: "
                              f"{np.round(pimg.affine[:3], 3).tolist()} vs {np.round(img.affine[:3], 3).tolist()})")
-        prior = np.moveaxis(np.asarray(pimg.dataobj, dtype=np.float32), -1, 0)
+        prior = prior_probabilities(pimg)
     scale = native_volume_scale(inverse_transform)
 
     result = segment_cerebellum(crop, list(hemisphere_checkpoints), list(lobule_checkpoints), prior=prior,

@@ -114,8 +114,9 @@ def run_cerebellum_cv(library_dir: Path, oasis_dir: Path, template: Path, out_di
             raise ValueError(f"lobule set {method!r} takes the population prior: give population_prior")
     population = None
     if population_prior is not None:
-        pimg = nib.load(str(population_prior))
-        population = np.moveaxis(np.asarray(pimg.dataobj, dtype=np.float32), -1, 0)
+        from bids_app.atlas_library import prior_probabilities
+
+        population = prior_probabilities(nib.load(str(population_prior)))
     rows: list[dict] = []
     timing: dict[str, list[float]] = {}
     for i, case in enumerate(cases, 1):

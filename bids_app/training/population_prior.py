@@ -26,7 +26,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from bids_app.atlas_library import prior_image
+from types import SimpleNamespace
+
+from bids_app.atlas_library import prior_image, sidecar_path
 from bids_app.bids import atomic_write_json
 from bids_app.core.atlas_fusion import population_prior
 from bids_app.core.files import save_atomic
@@ -37,11 +39,6 @@ from .library import read_index
 log = logging.getLogger(__name__)
 
 KIND = "population"
-
-
-class _Prior:  # what prior_image reads
-    def __init__(self, probabilities: np.ndarray):
-        self.probabilities = probabilities
 
 
 def build_population_prior(library_dir: Path, out_file: Path, *, exclude_subjects=(), cases_dir: Path | None = None,
@@ -66,7 +63,7 @@ def build_population_prior(library_dir: Path, out_file: Path, *, exclude_subject
     labels = {c["case"]: np.asarray(nib.load(str(library_dir / c["dseg"])).dataobj) for c in cases}
     affine = nib.load(str(library_dir / used[0]["dseg"])).affine
     prior = population_prior((labels[c["case"]] for c in used), values)
-    save_atomic(prior_image(_Prior(prior), affine), out_file)
+    save_atomic(prior_image(SimpleNamespace(probabilities=prior), affine), out_file)
     sidecar = {
         "kind": KIND, "protocol": protocol.name, "space": index.get("space"), "n_cases": len(used),
         "cases": [c["case"] for c in used], "subjects": sorted({c["subject"] for c in used}),
@@ -75,7 +72,7 @@ def build_population_prior(library_dir: Path, out_file: Path, *, exclude_subject
                        "the library's cases (silver labels, on the affine template grid) giving each label",
         "licence": licence,
     }
-    atomic_write_json(Path(str(out_file).replace(".nii.gz", ".json")), sidecar)
+    atomic_write_json(sidecar_path(out_file), sidecar)
     log.info("population prior of %d cases (%d subjects) -> %s", len(used), len(sidecar["subjects"]), out_file)
     if cases_dir is not None:
         cases_dir = Path(cases_dir)
