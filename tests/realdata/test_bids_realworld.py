@@ -95,11 +95,11 @@ def test_wholebrain_segmentation_is_sensible(realworld, sub):
         assert abs(wm[0] - wm[1]) / np.mean(wm) < 0.15 and abs(ctx[0] - ctx[1]) / np.mean(ctx) < 0.15
         for name in ("Brain-Stem", "Left-Cerebellum-Cortex", "Right-Cerebellum-Cortex"):
             assert float(rows[name]["volume_mm3"]) > 5000, name
-        # lower bounds at about half of a small adult's volume; both sides within 35 % of each other
+        # lower bounds at about half of a small adult's volume; the sides within a ratio of 1.67 (a missed side fails)
         for structure, low in DEEP_MINIMUM_MM3.items():
             left, right = (float(rows[f"{side}-{structure}"]["volume_mm3"]) for side in ("Left", "Right"))
             assert min(left, right) > low, (structure, left, right)
-            assert abs(left - right) / (left + right) < 0.175, (structure, left, right)
+            assert abs(left - right) / (left + right) < 0.25, (structure, left, right)
     qc = json.loads((anat / f"sub-{sub}_seg-wholebrain_qc.json").read_text())
     assert qc["Sources"]
     assert (anat / f"sub-{sub}_seg-dkt_dseg.nii.gz").is_file()
