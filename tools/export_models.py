@@ -1,4 +1,9 @@
-"""Install the cross-validated fold models into ``bids_app/data/models/`` with their CV figures.
+"""Install the stage-1 cross-validated fold models into ``bids_app/data/models/`` with their CV figures.
+
+This is how the 0.1.0 models were installed. The 0.2.0 whole-brain and parcellation models (stage 2, fold 0
+only) are exported one by one with ``arborseg-train export`` (README, "Trained models, training and
+evaluation"); running this script would put the weaker stage-1 fold-1/2 CEREBRUM models back in the default
+ensemble.
 
     python tools/export_models.py _train/runs _train/cv/all _train/cv/parc [_train/cv/segnet]
 
