@@ -207,11 +207,12 @@ def _fmt_affine(affine) -> str:
     return json.dumps(np.round(np.asarray(affine, dtype=float), 3).tolist())
 
 
-def prior_image(result, affine, *, storage: str = PRIOR_STORAGE):
-    """The prior as a 4D NIfTI (X, Y, Z, K): ``uint8`` (NIfTI scale factor, about 1/255) or ``float32``."""
+def prior_image(probabilities: np.ndarray, affine, *, storage: str = PRIOR_STORAGE):
+    """Probabilities ``(K, X, Y, Z)`` as a 4D NIfTI (X, Y, Z, K): ``uint8`` (NIfTI scale factor, about 1/255) or
+    ``float32``."""
     import nibabel as nb
 
-    data = np.moveaxis(result.probabilities, 0, -1)
+    data = np.moveaxis(probabilities, 0, -1)
     img = nb.Nifti1Image(np.ascontiguousarray(data, dtype=np.float32), np.asarray(affine, dtype=float))
     img.header.set_xyzt_units("mm")
     if storage == "uint8":
@@ -230,7 +231,7 @@ def save_prior(result, affine, out_file, *, storage: str = PRIOR_STORAGE) -> str
     """Write :func:`prior_image` atomically; returns the path."""
     from .core.files import save_atomic
 
-    return save_atomic(prior_image(result, affine, storage=storage), out_file)
+    return save_atomic(prior_image(result.probabilities, affine, storage=storage), out_file)
 
 
 def sidecar_path(out_file: str | Path) -> Path:

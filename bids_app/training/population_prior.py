@@ -26,8 +26,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from types import SimpleNamespace
-
 from bids_app.atlas_library import prior_image, sidecar_path
 from bids_app.bids import atomic_write_json
 from bids_app.core.atlas_fusion import population_prior
@@ -63,7 +61,7 @@ def build_population_prior(library_dir: Path, out_file: Path, *, exclude_subject
     labels = {c["case"]: np.asarray(nib.load(str(library_dir / c["dseg"])).dataobj) for c in cases}
     affine = nib.load(str(library_dir / used[0]["dseg"])).affine
     prior = population_prior((labels[c["case"]] for c in used), values)
-    save_atomic(prior_image(SimpleNamespace(probabilities=prior), affine), out_file)
+    save_atomic(prior_image(prior, affine), out_file)
     sidecar = {
         "kind": KIND, "protocol": protocol.name, "space": index.get("space"), "n_cases": len(used),
         "cases": [c["case"] for c in used], "subjects": sorted({c["subject"] for c in used}),

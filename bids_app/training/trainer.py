@@ -72,7 +72,7 @@ class TrainConfig:
             import tomllib
         except ModuleNotFoundError:  # Python < 3.11
             import tomli as tomllib
-        raw = tomllib.loads(Path(path).read_text())
+        raw = _read_toml(Path(path), tomllib)
         flat: dict[str, Any] = {}
         for key, value in raw.items():
             if isinstance(value, dict) and key in ("optim", "loss", "run", "data", "cv"):
@@ -88,6 +88,24 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def _read_toml(path: Path, tomllib, seen: tuple = ()) -> dict:
+    """A config file's tables; ``extends = "base.toml"`` (relative to the file) starts from that file's tables,
+    and every key given here replaces the base's (tables are merged key by key)."""
+    if path.resolve() in seen:
+        raise ValueError(f"{path}: 'extends' loops back to this file")
+    raw = tomllib.loads(path.read_text())
+    base = raw.pop("extends", None)
+    if base is None:
+        return raw
+    merged = _read_toml(path.parent / base, tomllib, seen + (path.resolve(),))
+    for key, value in raw.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
 
 
 def learning_rate(cfg: TrainConfig, it: int) -> float:

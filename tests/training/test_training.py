@@ -216,6 +216,20 @@ def test_protocol_of_training_configs_matches_models():
         assert cfg.model["n_classes"] == len(load_protocol(cfg.protocol)), path
 
 
+def test_config_extends_a_base_file(tmp_path):
+    (tmp_path / "base.toml").write_text('name = "base"\narchitecture = "unet"\nprotocol = "aseg"\n'
+                                        '[model]\nn_classes = 33\nbase_filters = 8\n'
+                                        '[optim]\nlr = 0.003\niterations = 500\n')
+    (tmp_path / "child.toml").write_text('extends = "base.toml"\nname = "child"\n'
+                                         '[model]\nbase_filters = 16\n[optim]\niterations = 5000\n')
+    cfg = TrainConfig.from_toml(tmp_path / "child.toml")
+    assert (cfg.name, cfg.architecture, cfg.lr, cfg.iterations) == ("child", "unet", 0.003, 5000)
+    assert cfg.model == {"n_classes": 33, "base_filters": 16}
+    (tmp_path / "loop.toml").write_text('extends = "loop.toml"\n')
+    with pytest.raises(ValueError, match="loops back"):
+        TrainConfig.from_toml(tmp_path / "loop.toml")
+
+
 def test_fit_segnet_tiny(tmp_path):
     from bids_app.training.trainer import fit_segnet
 
