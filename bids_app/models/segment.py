@@ -25,8 +25,12 @@ the ICV) and an ensemble of checkpoints that share one label protocol:
 
 QC: the volumes of every MC sample (argmax on the model grid, in mm3) give each structure's
 coefficient of variation (CV, ``100 * std / mean``), their mean over the structures
-(background and structures absent from every sample excluded) and a ``pass``/``warn`` flag
-against the modality's threshold (:data:`bids_app.models.mcdropout.QC_THRESHOLDS`). With several
+(background and structures absent from every sample excluded) and ``pass``/``warn`` flags.
+The thresholds are the ensemble's own when a member manifest holds a ``qc_calibration`` made for
+exactly these members and this modality (:mod:`bids_app.core.qc_calibration`: per protocol, a mean
+threshold and one per structure, from the clean held-out scans of the cross-validation); otherwise
+the modality's default (:data:`bids_app.models.mcdropout.QC_THRESHOLDS`) for the mean and every
+structure. An explicit ``threshold`` overrides both. With several
 voxel-size groups, sample ``s`` of the ensemble has the member-weighted mean of the groups'
 sample-``s`` volumes (the argmax of the combined sample would need every sample kept in memory).
 Coarser protocols (``dkt-aseg`` -> ``aseg`` -> ``cerebrum7``, ``aseg`` -> ``deep14``...) merge
@@ -62,6 +66,7 @@ from ..core.labels import (
     merge_chain,
     merged_probabilities,
 )
+from ..core.qc_calibration import find_calibration, protocol_thresholds
 from .checkpoint import (ModelError, _read_manifest, _split_path, models_with_task, validate_manifest,
                          verify_checkpoint)
 
@@ -105,15 +110,25 @@ class SegmentationResult:
     voxel_size_mm: tuple[float, float, float] = (1.0, 1.0, 1.0)  # of the image grid
     model_voxel_sizes_mm: list[tuple[float, float, float]] = field(default_factory=list)
     manifests: list[dict] = field(default_factory=list)
+    #: per class threshold (percent); None: :attr:`qc_threshold` for every class
+    structure_thresholds: np.ndarray | None = None
+    #: the ``qc_calibration`` of the member manifests used for the thresholds (None: the modality default)
+    qc_calibration: dict | None = None
 
     @property
     def volume_mean_mm3(self) -> np.ndarray:
         """Mean over the MC samples of every class's volume (mm3)."""
         return np.asarray(self.mc_volumes_mm3, dtype=np.float64).mean(axis=0)
 
+    def class_thresholds(self) -> np.ndarray:
+        """Per class QC threshold (percent): the calibrated one, else :attr:`qc_threshold`."""
+        if self.structure_thresholds is not None:
+            return np.asarray(self.structure_thresholds, dtype=np.float64)
+        return np.full(len(self.cv_percent), float(self.qc_threshold))
+
     def structure_flags(self) -> list[str]:
-        """Per class: ``"warn"`` when its CV exceeds :attr:`qc_threshold` or is undefined, else ``"pass"``."""
-        return [structure_flag(c, self.qc_threshold) for c in self.cv_percent]
+        """Per class: ``"warn"`` when its CV exceeds its threshold or is undefined, else ``"pass"``."""
+        return [structure_flag(c, t) for c, t in zip(self.cv_percent, self.class_thresholds())]
 
 
 def structure_flag(cv_percent: float, threshold: float) -> str:
@@ -355,7 +370,8 @@ def segment_volume(
         manifests: the manifests of networks given directly (one each).
         mc_samples, seed: MC-dropout samples and the seed of every dropout mask.
         device, num_threads: where and with how many CPU threads the networks run.
-        modality: selects the QC threshold (1 % for T1w, 2.5 % otherwise); ``threshold`` overrides it.
+        modality: selects the QC thresholds: the ensemble's calibration for this modality, else the
+            default (1 % for T1w, 2.5 % otherwise); ``threshold`` overrides both (one for every class).
         image_voxel_mm: voxel size of ``image`` (ArborSeg's conformed grid is 1 mm by default).
         mask: optional intracranial mask on the image grid: outside it the probabilities are
             forced to background (1 for background, 0 for the rest), hence label 0 and entropy 0.
@@ -455,17 +471,24 @@ def segment_volume(
     _, _, cv = volume_statistics(volumes)
     background = 0 if protocol.indices and protocol.indices[0] == 0 else None
     mcv = mean_cv(cv, background)
-    limit = qc_threshold(modality) if threshold is None else float(threshold)
+    calibration = find_calibration([m for _, m in members], names, modality) if threshold is None else None
+    if calibration is not None and int(calibration.get("mc_samples", mc_samples)) != int(mc_samples):
+        log.warning("the QC thresholds were calibrated with %s MC samples, this run draws %d: the CVs are "
+                    "less comparable", calibration.get("mc_samples"), mc_samples)
+    default = qc_threshold(modality) if threshold is None else float(threshold)
+    limit, per_class = protocol_thresholds(calibration, protocol.name, protocol.names, default)
     flag = qc_flag(mcv, threshold=limit)
     timings["labels_s"] = time.perf_counter() - t3
     timings["total_s"] = time.perf_counter() - t_start
-    log.info("whole-brain segmentation (%s, %d classes) in %.1f s: mean volume CV %.3f%% -> %s (threshold %.2f%%)",
-             protocol.name, k_total, timings["total_s"], mcv, flag, limit)
+    log.info("whole-brain segmentation (%s, %d classes) in %.1f s: mean volume CV %.3f%% -> %s (threshold %.2f%%, "
+             "%s)", protocol.name, k_total, timings["total_s"], mcv, flag, limit,
+             "calibrated for this ensemble" if calibration else "the default: no calibration for this ensemble")
     return SegmentationResult(
         protocol=protocol, probabilities=probs, labels=labels, entropy=np.asarray(entropy, dtype=np.float32),
         cv_percent=cv, mean_cv_percent=mcv, qc_flag=flag, qc_threshold=limit, models=names, timings=timings,
         mc_volumes_mm3=volumes, n_samples=int(mc_samples), seed=int(seed), modality=modality,
         voxel_size_mm=image_vox, model_voxel_sizes_mm=list(groups), manifests=[m for _, m in members],
+        structure_thresholds=per_class, qc_calibration=calibration,
     )
 
 
@@ -503,6 +526,14 @@ def _coarse_protocol(result: SegmentationResult, protocol: str | Protocol) -> Pr
     return protocol if isinstance(protocol, Protocol) else load_protocol(protocol)
 
 
+def coarse_thresholds(result: SegmentationResult, protocol: str | Protocol) -> tuple[float, np.ndarray]:
+    """``(mean threshold, per-class thresholds)`` of a protocol of ``result``: calibrated, else the result's."""
+    coarse = _coarse_protocol(result, protocol)
+    if coarse.name == result.protocol.name:
+        return float(result.qc_threshold), result.class_thresholds()
+    return protocol_thresholds(result.qc_calibration, coarse.name, coarse.names, result.qc_threshold)
+
+
 def coarse_cv(result: SegmentationResult, protocol: str | Protocol) -> tuple[np.ndarray, float, str]:
     """``(cv_percent, mean_cv_percent, qc_flag)`` of a coarser protocol from the sample-wise merged volumes."""
     from .mcdropout import mean_cv, qc_flag, volume_statistics
@@ -518,7 +549,7 @@ def coarse_cv(result: SegmentationResult, protocol: str | Protocol) -> tuple[np.
     _, _, cv = volume_statistics(merged)
     background = 0 if coarse.indices and coarse.indices[0] == 0 else None
     mcv = mean_cv(cv, background)
-    return cv, mcv, qc_flag(mcv, threshold=result.qc_threshold)
+    return cv, mcv, qc_flag(mcv, threshold=coarse_thresholds(result, coarse)[0])
 
 
 def coarse_labels(result: SegmentationResult, protocol: str | Protocol) -> np.ndarray:
@@ -561,6 +592,7 @@ def coarser(result: SegmentationResult, protocol_name: str) -> SegmentationResul
     probs = merged_probabilities(result.probabilities, result.protocol, coarse)
     labels = coarse.to_labels(probs.argmax(axis=0))
     cv, mcv, flag = coarse_cv(result, coarse)
+    limit, per_class = coarse_thresholds(result, coarse)
     index = merge_index(result.protocol, coarse)
     volumes = None
     if result.mc_volumes_mm3 is not None:
@@ -569,8 +601,9 @@ def coarser(result: SegmentationResult, protocol_name: str) -> SegmentationResul
             volumes[:, target] += result.mc_volumes_mm3[:, k]
     return SegmentationResult(
         protocol=coarse, probabilities=probs, labels=labels, entropy=result.entropy, cv_percent=cv,
-        mean_cv_percent=mcv, qc_flag=flag, qc_threshold=result.qc_threshold, models=list(result.models),
+        mean_cv_percent=mcv, qc_flag=flag, qc_threshold=limit, models=list(result.models),
         timings=dict(result.timings), mc_volumes_mm3=volumes, n_samples=result.n_samples, seed=result.seed,
         modality=result.modality, voxel_size_mm=result.voxel_size_mm,
         model_voxel_sizes_mm=list(result.model_voxel_sizes_mm), manifests=list(result.manifests),
+        structure_thresholds=per_class, qc_calibration=result.qc_calibration,
     )

@@ -44,7 +44,8 @@ from ..core.files import save_atomic
 from ..core.labels import ProtocolError, load_protocol, merge_chain
 from ..core.morphometry import morphometry_rows, write_morphometry_tsv
 from ..core.resample import resample_to_grid
-from .segment import COARSE_PROTOCOLS, coarse_cv, coarse_labels, coarse_probability, segment_volume, structure_flag
+from .segment import (COARSE_PROTOCOLS, coarse_cv, coarse_labels, coarse_probability, coarse_thresholds, segment_volume,
+                      structure_flag)
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +70,25 @@ def _dseg_tsv(protocol) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _structures(protocol, cv: Sequence[float], threshold: float) -> list[dict]:
+def _structures(protocol, cv: Sequence[float], thresholds: Sequence[float]) -> list[dict]:
     out = []
     for k, (index, name) in enumerate(zip(protocol.indices, protocol.names)):
         if k == 0 and index == 0:
             continue
         out.append({"index": int(index), "name": name, "cv_percent": _num(cv[k]),
-                    "qc_flag": structure_flag(float(cv[k]), threshold)})
+                    "qc_threshold_percent": _num(thresholds[k]),
+                    "qc_flag": structure_flag(float(cv[k]), float(thresholds[k]))})
     return out
+
+
+def calibration_summary(result) -> dict:
+    """The QC JSON's account of where the thresholds came from."""
+    cal = result.qc_calibration
+    if not cal:
+        return {"Calibrated": False,
+                "Method": f"default threshold for {result.modality} (no calibration for this ensemble)"}
+    return {"Calibrated": True, "Method": cal.get("method"), "Source": cal.get("source"),
+            "MCSamples": cal.get("mc_samples"), "Study": cal.get("study")}
 
 
 def segment_files(t1w_preproc: str, icv_mask: str, source_file: str, checkpoints: Sequence[str], *, out_dir: str,
@@ -120,22 +132,26 @@ def segment_files(t1w_preproc: str, icv_mask: str, source_file: str, checkpoints
         else:
             cv, mcv, flag = coarse_cv(result, protocol)
             labels[protocol.name] = coarse_labels(result, protocol)
-        flags = [structure_flag(float(c), result.qc_threshold) for c in cv]
+        limit, thresholds = coarse_thresholds(result, protocol)
+        flags = [structure_flag(float(c), float(t)) for c, t in zip(cv, thresholds)]
         rows = morphometry_rows(labels[protocol.name], vox, icv_ml, protocol, cv_percent=cv, qc_flags=flags)
         name = protocol.name
         outputs["morph"][name] = write_morphometry_tsv(rows, out / f"{name}_morph.tsv")
         outputs["dseg_tsv"][name] = str(atomic_write_text(out / f"{name}_dseg.tsv", _dseg_tsv(protocol)))
         outputs["conformed_dseg"][name] = save_atomic(images.like(conf, labels[name], dtype=np.int16),
                                                       out / f"conformed_{name}_dseg.nii.gz")
-        qc_protocols[name] = {"Segmentation": seg_entity(name), "MeanCVPercent": _num(mcv), "QCFlag": flag,
-                              "Structures": _structures(protocol, cv, result.qc_threshold)}
+        qc_protocols[name] = {"Segmentation": seg_entity(name), "MeanCVPercent": _num(mcv),
+                              "QCThresholdPercent": _num(limit), "QCFlag": flag,
+                              "Structures": _structures(protocol, cv, thresholds)}
     deep = None
     try:
         merge_chain(fine.name, DEEP_PROTOCOL)
         deep_protocol = load_protocol(DEEP_PROTOCOL)
         cv, mcv, flag = coarse_cv(result, deep_protocol)
-        deep = {"Segmentation": seg_entity(DEEP_PROTOCOL), "MeanCVPercent": _num(mcv), "QCFlag": flag,
-                "Structures": _structures(deep_protocol, cv, result.qc_threshold)}
+        limit, thresholds = coarse_thresholds(result, deep_protocol)
+        deep = {"Segmentation": seg_entity(DEEP_PROTOCOL), "MeanCVPercent": _num(mcv),
+                "QCThresholdPercent": _num(limit), "QCFlag": flag,
+                "Structures": _structures(deep_protocol, cv, thresholds)}
     except ProtocolError:
         log.info("protocol %s does not merge into %s: no deep-structure QC", fine.name, DEEP_PROTOCOL)
 
@@ -182,6 +198,7 @@ def segment_files(t1w_preproc: str, icv_mask: str, source_file: str, checkpoints
         "Models": models, "MCSamples": result.n_samples, "Seed": result.seed, "Modality": result.modality,
         "LabelProtocol": fine.name, "MeanCVPercent": _num(result.mean_cv_percent),
         "QCThresholdPercent": result.qc_threshold, "QCFlag": result.qc_flag,
+        "QCCalibration": calibration_summary(result),
         "Deep14MeanCVPercent": deep["MeanCVPercent"] if deep else None,
         "ICVML": round(float(icv_ml), 3), "VoxelSizeMM": list(vox),
         "Protocols": dict(qc_protocols, **({DEEP_PROTOCOL: deep} if deep else {})),

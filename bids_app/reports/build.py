@@ -247,6 +247,7 @@ def _branch_record(seg, output_dir: Path, source_file: str | None, status: str, 
         "label_protocol": qc.get("LabelProtocol"), "mc_samples": qc.get("MCSamples"), "seed": qc.get("Seed"),
         "mean_cv_percent": qc.get("MeanCVPercent"), "qc_threshold_percent": qc.get("QCThresholdPercent"),
         "qc_flag": qc.get("QCFlag"), "deep14_mean_cv_percent": qc.get("Deep14MeanCVPercent"),
+        "qc_calibrated": bool((qc.get("QCCalibration") or {}).get("Calibrated")),
         "icv_ml": qc.get("ICVML"), "qc_file": str(qc_path.relative_to(output_dir)), "volumes": volumes,
     }
 
@@ -271,6 +272,13 @@ def _fmt(value, digits: int = 2, scale: float = 1.0) -> str:
         return str(value)
 
 
+def threshold_origin(seg: dict) -> str:
+    """Where a QC threshold came from, in words."""
+    if seg.get("qc_calibrated"):
+        return "calibrated for this ensemble on clean held-out scans; structures have their own thresholds"
+    return "the default for the modality: this ensemble has no calibration"
+
+
 def segmentation_section(output_dir: Path, record: dict) -> dict | None:
     """The "Whole-brain segmentation" section: outlines, entropy, volume/QC table; None when switched off."""
     seg = record.get("segmentation") or {}
@@ -293,7 +301,8 @@ def segmentation_section(output_dir: Path, record: dict) -> dict | None:
         f"Ensemble of {len(seg.get('models') or [])} model(s) ({', '.join(map(str, seg.get('models') or []))}), "
         f"{seg.get('label_protocol')} protocol, {seg.get('mc_samples')} Monte-Carlo dropout samples (seed "
         f"{seg.get('seed')}). Mean volume CV {percent(seg.get('mean_cv_percent'))} against a threshold of "
-        f"{_fmt(seg.get('qc_threshold_percent'))} %: QC {flag.upper()}. Deep grey matter (14 structures): mean CV "
+        f"{_fmt(seg.get('qc_threshold_percent'))} % ({threshold_origin(seg)}): QC {flag.upper()}. Deep grey matter "
+        "(14 structures): mean CV "
         f"{percent(seg.get('deep14_mean_cv_percent'))}.")
     section["qc_flag"] = flag
     source = record.get("source_file")

@@ -5,6 +5,7 @@
                                    [--iterations N] [--stop-after N] [--no-resume]
     arborseg-train folds CONFIG.toml --data DIR      # prints the test subjects of every fold
     arborseg-train export RUN_DIR/final STEM [--metrics METRICS.json] [--dtype float16] [--name NAME]
+    arborseg-train calibrate-qc CV_DIR [CV_DIR...] --models MANIFEST.json [MANIFEST.json...] [--n-sd 2]
 
 Runs resume from their last checkpoint when started again with the same ``--run`` folder.
 """
@@ -70,6 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("parts", type=Path, nargs="+")
     m.add_argument("--out", type=Path, required=True)
 
+    q = sub.add_parser("calibrate-qc", help="QC thresholds of an ensemble from its cross-validation QC study, "
+                                            "written into the members' manifests")
+    q.add_argument("parts", type=Path, nargs="+", help="output folders of `arborseg-train cv` for this ensemble")
+    q.add_argument("--models", type=Path, nargs="+", required=True,
+                   help="manifests (.json) of the ensemble's installed members")
+    q.add_argument("--n-sd", type=float, default=2.0)
+    q.add_argument("--modality", default="T1w")
+
     e = sub.add_parser("export", help="write a run's final model as an installable checkpoint")
     e.add_argument("final", type=Path)
     e.add_argument("stem", type=Path)
@@ -123,6 +132,16 @@ def main(argv: list[str] | None = None) -> int:
             summary = merge_cv(args.parts, args.out)
             for method, protocols in summary["methods"].items():
                 print(method, " ".join(f"{p}={v['overall'].get('dice_mean')}" for p, v in protocols.items()))
+        elif args.command == "calibrate-qc":
+            from .crossval import write_calibration
+
+            cal = write_calibration(args.parts, args.models, n_sd=args.n_sd, modality=args.modality)
+            for name, table in cal["protocols"].items():
+                print(f"{name}: mean CV threshold {table['mean_cv_threshold_percent']:.3f} %")
+            s = cal["study"]
+            print(f"study: {s['clean_flagged']}/{s['clean_scans']} clean and {s['degraded_flagged']}/"
+                  f"{s['degraded_scans']} degraded scans flagged; mean aseg Dice passed {s['mean_dice_passed']}, "
+                  f"flagged {s['mean_dice_flagged']}")
         elif args.command == "export":
             from bids_app.models.checkpoint import load_checkpoint, save_checkpoint
 

@@ -12,7 +12,9 @@ In the same run, optionally:
   atlases (SyN registration at the model grid, then ``ants.joint_label_fusion``), its Dice and its
   time per subject beside the networks';
 * the MC-dropout QC study: the ensemble's mean volume CV against its Dice for clean and
-  deliberately degraded inputs (noise, bias field, blur, thick slices), with Pearson's r.
+  deliberately degraded inputs (noise, bias field, blur, thick slices), with Pearson's r. Every
+  study row also keeps the per-structure CVs of each protocol (in ``cv_raw.json``), from which
+  :func:`calibrate_qc` (``arborseg-train calibrate-qc``) derives the ensemble's QC thresholds.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import numpy as np
 
 from bids_app.atomic import atomic_output
 from bids_app.core.intensity import normalise_intensity
+from bids_app.core import qc_calibration
 from bids_app.core.labels import load_protocol, merge_labels
 from bids_app.core.metrics import pearson
 from bids_app.evaluate import evaluate_arrays, summarise_rows
@@ -155,7 +158,7 @@ def run_cv(data: Path, runs: Path, out: Path, *, archs: list[str], folds: list[i
             rows += ens_rows
             aseg_dice = float(np.nanmean([r["dice"] for r in ens_rows if r["protocol"] == "aseg"]))
             qc.append({"subject": subject, "fold": fold, "condition": "clean", "mean_cv_percent": result.mean_cv_percent,
-                       "aseg_mean_dice": aseg_dice, "qc_flag": result.qc_flag})
+                       "aseg_mean_dice": aseg_dice, "qc_flag": result.qc_flag, "structure_cv": structure_cvs(result)})
             if len(archs) > 1:
                 for arch, member in zip(archs, members):
                     t0 = time.time()
@@ -177,9 +180,29 @@ def run_cv(data: Path, runs: Path, out: Path, *, archs: list[str], folds: list[i
                     qc.append({"subject": subject, "fold": fold, "condition": kind,
                                "mean_cv_percent": res.mean_cv_percent, "qc_flag": res.qc_flag,
                                "aseg_mean_dice": float(np.nanmean([r["dice"] for r in d_rows
-                                                                    if r["protocol"] == "aseg"]))})
+                                                                    if r["protocol"] == "aseg"])),
+                               "structure_cv": structure_cvs(res)})
             _write(out, rows, qc, timing, archs, mc_samples, split, folds)
     return _write(out, rows, qc, timing, archs, mc_samples, split, folds)
+
+
+def structure_cvs(result) -> dict:
+    """Per protocol the result gives (its own, the coarser ones, ``deep14``): mean CV and per-class CVs."""
+    from bids_app.core.labels import ProtocolError, merge_chain
+    from bids_app.models.segment import coarse_cv
+
+    out = {}
+    for name in (result.protocol.name, "aseg", "cerebrum7", "deep14"):
+        if name in out:
+            continue
+        try:
+            merge_chain(result.protocol.name, name)
+        except ProtocolError:
+            continue
+        cv, mcv, _ = (result.cv_percent, result.mean_cv_percent, None) if name == result.protocol.name \
+            else coarse_cv(result, name)
+        out[name] = {"mean_cv_percent": float(mcv), "cv_percent": [float(c) for c in cv]}
+    return out
 
 
 def _write_table(rows: list[dict], path: Path) -> None:
@@ -220,7 +243,7 @@ def _write(out: Path, rows, qc, timing, archs, mc_samples, split, folds) -> dict
                                          "mc_samples": mc_samples, "split": split, "folds": list(folds)},
                                         default=float) + "\n")
     _write_table(rows, out / "cv_rows.tsv")
-    _write_table(qc, out / "qc_study.tsv")
+    _write_table([{k: v for k, v in q.items() if k != "structure_cv"} for q in qc], out / "qc_study.tsv")
     with atomic_output(out / "cv_summary.json") as tmp:
         Path(tmp).write_text(json.dumps(summary, indent=1, default=float) + "\n")
     return summary
@@ -241,3 +264,59 @@ def merge_cv(parts: list[Path], out: Path) -> dict:
         raise ValueError("nothing to merge")
     Path(out).mkdir(parents=True, exist_ok=True)
     return _write(Path(out), rows, qc, timing, raw["archs"], raw["mc_samples"], raw["split"], sorted(folds))
+
+
+def calibrate_qc(parts: list[Path], ensemble: list[str], *, modality: str = "T1w",
+                 n_sd: float = qc_calibration.DEFAULT_N_SD) -> dict:
+    """The ``qc_calibration`` of ``ensemble`` (manifest names) from the QC study of cross-validation runs.
+
+    Thresholds from the clean held-out scans (:func:`bids_app.core.qc_calibration.calibrate_protocol`),
+    and what the mean threshold does on every scan of the study, degraded ones included.
+    """
+    qc: list[dict] = []
+    mc = set()
+    for part in parts:
+        raw = json.loads((Path(part) / "cv_raw.json").read_text())
+        qc += raw["qc"]
+        mc.add(int(raw["mc_samples"]))
+    clean = [q for q in qc if q["condition"] == "clean" and q.get("structure_cv")]
+    if not clean:
+        raise ValueError(f"{', '.join(map(str, parts))}: no clean QC-study rows with per-structure CVs "
+                         "(re-run `arborseg-train cv` with this version)")
+    if len(mc) != 1:
+        raise ValueError(f"the runs used different MC sample counts: {sorted(mc)}")
+    protocols = {}
+    for name in clean[0]["structure_cv"]:
+        proto = load_protocol(name)
+        rows = [q["structure_cv"][name] for q in clean if name in q["structure_cv"]]
+        cv = np.array([r["cv_percent"] for r in rows], dtype=np.float64)
+        keep = [k for k, index in enumerate(proto.indices) if not (k == 0 and index == 0)]
+        protocols[name] = qc_calibration.calibrate_protocol(cv[:, keep], [r["mean_cv_percent"] for r in rows],
+                                                            [proto.names[k] for k in keep], n_sd=n_sd)
+    fine = next(iter(protocols))
+    study = qc_calibration.threshold_study([q["mean_cv_percent"] for q in qc], [q["aseg_mean_dice"] for q in qc],
+                                           [q["condition"] for q in qc], protocols[fine]["mean_cv_threshold_percent"])
+    study["pearson_r_cv_vs_dice"] = round(pearson(np.array([q["mean_cv_percent"] for q in qc], dtype=float),
+                                              np.array([q["aseg_mean_dice"] for q in qc], dtype=float)), 4)
+    study["subjects"] = sorted({q["subject"] for q in clean})
+    return {"ensemble": sorted(ensemble), "modality": modality, "mc_samples": mc.pop(),
+            "method": f"per structure and for the mean CV: max(mean + {n_sd:g} SD, max) of the CVs of "
+                      f"{len(clean)} clean held-out OASIS-TRT-20 scans (cross-validation)",
+            "n_sd": n_sd, "source": "arborseg-train cv", "protocols": protocols, "study": study}
+
+
+def write_calibration(parts: list[Path], manifests: list[Path], *, modality: str = "T1w",
+                      n_sd: float = qc_calibration.DEFAULT_N_SD) -> dict:
+    """:func:`calibrate_qc` for the ensemble of ``manifests``, written into each of them (atomically)."""
+    loaded = []
+    for path in manifests:
+        path = Path(path)
+        if path.suffix != ".json" or not path.is_file():
+            raise FileNotFoundError(f"{path}: not a model manifest (.json)")
+        loaded.append((path, json.loads(path.read_text())))
+    cal = calibrate_qc(parts, [m["name"] for _, m in loaded], modality=modality, n_sd=n_sd)
+    for path, manifest in loaded:
+        manifest["qc_calibration"] = cal
+        with atomic_output(path) as tmp:
+            Path(tmp).write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
+    return cal

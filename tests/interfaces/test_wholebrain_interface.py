@@ -110,6 +110,40 @@ def test_tables_and_qc(inputs, isolated):
     assert all(s["qc_flag"] in ("pass", "warn") for s in qc["Protocols"]["cerebrum7"]["Structures"])
     assert "Deep14MeanCVPercent" in qc and qc["ICVML"] > 0
     assert isolated.qc_flag == qc["QCFlag"]
+    assert qc["QCCalibration"]["Calibrated"] is False  # the tiny model has none: the T1w default
+    assert {s["qc_threshold_percent"] for s in qc["Protocols"]["aseg"]["Structures"]} == {1.0}
+
+
+def test_a_calibrated_ensemble_gets_its_own_thresholds(inputs, tmp_path, monkeypatch):
+    import shutil
+
+    stem = inputs["ckpt"].with_suffix("")
+    shutil.copy(stem.with_suffix(".safetensors"), tmp_path / "tiny-wholebrain.safetensors")
+    manifest = json.loads(inputs["ckpt"].read_text())
+    aseg = load_protocol("aseg")
+    manifest["qc_calibration"] = {
+        "ensemble": ["tiny-wholebrain"], "modality": "T1w", "mc_samples": 3, "method": "test",
+        "source": "test", "study": {"clean_scans": 5},
+        "protocols": {"aseg": {"mean_cv_threshold_percent": 50.0,
+                               "structure_thresholds_percent": {aseg.names[1]: -1.0, aseg.names[2]: 1e6}},
+                      "deep14": {"mean_cv_threshold_percent": 1e6, "structure_thresholds_percent": {}}}}
+    (tmp_path / "tiny-wholebrain.json").write_text(json.dumps(manifest))
+    monkeypatch.setitem(inputs, "ckpt", tmp_path / "tiny-wholebrain.json")
+    out = _run(inputs, tmp_path / "run", monkeypatch, isolate=False)
+    qc = json.loads(open(out.qc_json).read())
+    assert qc["QCCalibration"]["Calibrated"] is True and qc["QCCalibration"]["MCSamples"] == 3
+    assert qc["QCThresholdPercent"] == 50.0 and qc["Protocols"]["aseg"]["QCThresholdPercent"] == 50.0
+    assert qc["QCFlag"] == ("pass" if qc["MeanCVPercent"] <= 50.0 else "warn")
+    structures = qc["Protocols"]["aseg"]["Structures"]
+    assert structures[0]["qc_threshold_percent"] == -1.0 and structures[0]["qc_flag"] == "warn"
+    assert structures[1]["qc_threshold_percent"] == 1e6
+    assert structures[1]["qc_flag"] == ("pass" if structures[1]["cv_percent"] is not None else "warn")
+    assert {s["qc_threshold_percent"] for s in structures[2:]} == {50.0}  # the protocol's mean threshold
+    # deep14 is calibrated on its own; cerebrum7 is not and falls back to the fine protocol's threshold
+    assert qc["Protocols"]["deep14"]["QCThresholdPercent"] == 1e6
+    assert qc["Protocols"]["cerebrum7"]["QCThresholdPercent"] == 50.0
+    rows = read_morphometry_tsv(out.aseg_morph)
+    assert rows[0]["qc_flag"] == "warn"  # the table's flags use the same per-structure thresholds
 
 
 def test_in_process_run_matches_the_isolated_one(inputs, isolated, tmp_path, monkeypatch):

@@ -1,0 +1,81 @@
+"""``arborseg-train calibrate-qc``: thresholds from a cross-validation QC study into the members' manifests."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from bids_app.core.labels import load_protocol
+from bids_app.training.cli import main
+from bids_app.training.crossval import calibrate_qc
+from tests.conftest import tiny_wholebrain_checkpoint
+
+
+def _study(folder, mean_cvs, conditions, mc_samples=15):
+    rng = np.random.default_rng(0)
+    qc = []
+    for i, (mcv, condition) in enumerate(zip(mean_cvs, conditions)):
+        structure_cv = {}
+        for name in ("aseg", "cerebrum7", "deep14"):
+            cv = (mcv + rng.normal(0, 0.5, len(load_protocol(name)))).tolist()
+            cv[0] = 0.1  # background: excluded from the thresholds
+            cv[-1] = float("nan") if i % 2 else cv[-1]  # a structure absent from some scans
+            structure_cv[name] = {"mean_cv_percent": mcv, "cv_percent": cv}
+        qc.append({"subject": f"s{i}", "fold": 0, "condition": condition, "mean_cv_percent": mcv,
+                   "aseg_mean_dice": 0.8 - 0.02 * (mcv - 6), "qc_flag": "warn", "structure_cv": structure_cv})
+    folder.mkdir(parents=True)
+    (folder / "cv_raw.json").write_text(json.dumps({"qc": qc, "mc_samples": mc_samples}))
+    return folder
+
+
+def test_calibrate_qc_thresholds_and_study(tmp_path):
+    part = _study(tmp_path / "cv", [6.0, 7.0, 8.0, 7.0, 8.5, 10.0], ["clean"] * 4 + ["blur", "bias"])
+    cal = calibrate_qc([part], ["m2", "m1"])
+    assert cal["ensemble"] == ["m1", "m2"] and cal["mc_samples"] == 15 and cal["modality"] == "T1w"
+    assert set(cal["protocols"]) == {"aseg", "cerebrum7", "deep14"}
+    expected = 7.0 + 2 * np.std([6.0, 7.0, 8.0, 7.0], ddof=1)
+    assert cal["protocols"]["aseg"]["mean_cv_threshold_percent"] == pytest.approx(expected, abs=1e-4)
+    aseg = load_protocol("aseg")
+    per = cal["protocols"]["aseg"]["structure_thresholds_percent"]
+    assert "background" not in per and aseg.names[1] in per
+    assert aseg.names[-1] not in per  # present in only 2 clean scans: no threshold of its own
+    study = cal["study"]
+    assert study["clean_scans"] == 4 and study["clean_flagged"] == 0
+    assert study["degraded_scans"] == 2 and study["degraded_flagged"] == 1  # 8.5 passes (limit 8.63), 10.0 is flagged
+    assert study["pearson_r_cv_vs_dice"] == pytest.approx(-1.0)
+
+
+def test_calibrate_qc_refuses_old_or_mixed_studies(tmp_path):
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "cv_raw.json").write_text(json.dumps({"qc": [{"condition": "clean", "mean_cv_percent": 1.0,
+                                                          "aseg_mean_dice": 0.8}], "mc_samples": 15}))
+    with pytest.raises(ValueError, match="per-structure CVs"):
+        calibrate_qc([old], ["m"])
+    a = _study(tmp_path / "a", [6.0, 7.0, 8.0], ["clean"] * 3, mc_samples=15)
+    b = _study(tmp_path / "b", [6.0, 7.0, 8.0], ["clean"] * 3, mc_samples=5)
+    with pytest.raises(ValueError, match="MC sample counts"):
+        calibrate_qc([a, b], ["m"])
+
+
+def test_cli_writes_the_calibration_that_segmentation_then_uses(tmp_path, capsys):
+    from bids_app.models.segment import segment_volume
+
+    part = _study(tmp_path / "cv", [6.0, 7.0, 8.0, 7.0], ["clean"] * 4, mc_samples=2)
+    m1 = tiny_wholebrain_checkpoint(tmp_path / "m1", seed=1)
+    m2 = tiny_wholebrain_checkpoint(tmp_path / "m2", seed=2)
+    assert main(["calibrate-qc", str(part), "--models", str(m1), str(m2)]) == 0
+    assert "aseg: mean CV threshold" in capsys.readouterr().out
+    for path in (m1, m2):
+        assert json.loads(path.read_text())["qc_calibration"]["ensemble"] == ["m1", "m2"]
+    image = np.zeros((12, 12, 12), dtype=np.float32)
+    image[2:10, 2:10, 2:10] = 1.0
+    both = segment_volume(image, [m2, m1], mc_samples=2, device="cpu", num_threads=1)
+    assert both.qc_calibration is not None
+    assert both.qc_threshold == pytest.approx(7.0 + 2 * np.std([6.0, 7.0, 8.0, 7.0], ddof=1), abs=1e-4)
+    alone = segment_volume(image, [m1], mc_samples=2, device="cpu", num_threads=1)
+    assert alone.qc_calibration is None and alone.qc_threshold == 1.0  # not the calibrated ensemble
+    # a manifest that is not there is an error naming it, and nothing is written
+    assert main(["calibrate-qc", str(part), "--models", str(tmp_path / "nope.json")]) != 0
