@@ -43,8 +43,10 @@ Stages (every sample and every ensemble mean on the crop grid):
 QC, as for the whole-brain segmentation (:mod:`bids_app.models.mcdropout`): the volume of every
 structure in every combined sample (argmax of ``P_t`` on the crop grid) gives its coefficient of
 variation (CV, ``100 * std / mean``, ``ddof=0``), their mean over the structures (background and
-structures absent from every sample excluded), and ``pass``/``warn`` flags against the modality's
-threshold (1 % for T1w). The hemisphere QC merges the sample volumes through
+structures absent from every sample excluded), and ``pass``/``warn`` flags. The thresholds are the
+cascade's own when a member manifest holds a ``qc_calibration`` for exactly these hemisphere and
+lobule models (``arborseg-train calibrate-qc`` on the cerebellum cross-validation), else the
+modality's default (1 % for T1w). The hemisphere QC merges the sample volumes through
 ``lobules_to_hemispheres.tsv``.
 
 MC samples are drawn one at a time (:func:`bids_app.models.mcdropout.mc_dropout` with one sample,
@@ -74,8 +76,9 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from ..core.labels import Protocol, class_merge_matrix, load_mapping, load_protocol, merge_probabilities
+from ..core.qc_calibration import find_calibration, protocol_thresholds
 from .checkpoint import ModelError, _split_path, models_with_task, verify_checkpoint
-from .segment_files import _num
+from .segment_files import _num, calibration_summary, structure_rows
 
 log = logging.getLogger(__name__)
 
@@ -374,11 +377,20 @@ class CascadeResult:
     hemisphere_manifests: list[dict] = field(default_factory=list)
     lobule_manifests: list[dict] = field(default_factory=list)
     timings: dict = field(default_factory=dict)
+    #: per class threshold (percent); None: :attr:`qc_threshold` for every class
+    structure_thresholds: np.ndarray | None = None
+    #: the ``qc_calibration`` of this cascade's members (None: the modality default)
+    qc_calibration: dict | None = None
+
+    def class_thresholds(self) -> np.ndarray:
+        if self.structure_thresholds is not None:
+            return np.asarray(self.structure_thresholds, dtype=np.float64)
+        return np.full(len(self.cv_percent), float(self.qc_threshold))
 
     def structure_flags(self) -> list[str]:
         from .segment import structure_flag
 
-        return [structure_flag(float(c), self.qc_threshold) for c in self.cv_percent]
+        return [structure_flag(float(c), float(t)) for c, t in zip(self.cv_percent, self.class_thresholds())]
 
 
 @dataclass
@@ -599,18 +611,30 @@ def segment_cerebellum(
     entropy = predictive_entropy(probs)
     _, _, cv = volume_statistics(volumes)
     mcv = mean_cv(cv, 0)
-    limit = qc_threshold(modality) if threshold is None else float(threshold)
+    manifests = [m for _, m in hemis] + [m for _, m in lobes]
+    calibration = find_calibration(manifests, [str(m.get("name")) for m in manifests], modality) \
+        if threshold is None else None
+    default = qc_threshold(modality) if threshold is None else float(threshold)
+    limit, per_class = protocol_thresholds(calibration, out_protocol.name, out_protocol.names, default)
     flag = qc_flag(mcv, threshold=limit)
     timings["total_s"] = time.perf_counter() - t_start
-    log.info("cerebellum cascade (%d classes) in %.1f s: mean volume CV %.3f%% -> %s (threshold %.2f%%)", k_out,
-             timings["total_s"], mcv, flag, limit)
+    log.info("cerebellum cascade (%d classes) in %.1f s: mean volume CV %.3f%% -> %s (threshold %.2f%%, %s)", k_out,
+             timings["total_s"], mcv, flag, limit,
+             "calibrated for these models" if calibration else "the default: no calibration for these models")
     return CascadeResult(
         protocol=out_protocol, probabilities=probs, labels=labels, entropy=np.asarray(entropy, dtype=np.float32),
         hemisphere_probabilities=p1, mask=mask, mc_volumes_mm3=volumes, cv_percent=cv, mean_cv_percent=mcv,
         qc_flag=flag, qc_threshold=limit, n_samples=int(mc_samples), seed=int(seed), modality=modality,
         voxel_size_mm=image_vox, prior_used=prior_used, hemisphere_manifests=[m for _, m in hemis],
-        lobule_manifests=[m for _, m in lobes], timings=timings,
+        lobule_manifests=[m for _, m in lobes], timings=timings, structure_thresholds=per_class,
+        qc_calibration=calibration,
     )
+
+
+def merged_thresholds(result: CascadeResult, protocol: str) -> tuple[float, np.ndarray]:
+    """``(mean threshold, per-class thresholds)`` of a coarser protocol: calibrated, else the result's mean one."""
+    coarse = load_protocol(protocol)
+    return protocol_thresholds(result.qc_calibration, coarse.name, coarse.names, result.qc_threshold)
 
 
 def merged_cv(result: CascadeResult, protocol: str) -> tuple[np.ndarray, float, str]:
@@ -624,7 +648,7 @@ def merged_cv(result: CascadeResult, protocol: str) -> tuple[np.ndarray, float, 
         merged[:, t] += result.mc_volumes_mm3[:, k]
     _, _, cv = volume_statistics(merged)
     mcv = mean_cv(cv, 0)
-    return cv, mcv, qc_flag(mcv, threshold=result.qc_threshold)
+    return cv, mcv, qc_flag(mcv, threshold=merged_thresholds(result, protocol)[0])
 
 
 # --------------------------------------------------------------------------- file adapter
@@ -642,13 +666,6 @@ def label_map(protocol_name: str = OUTPUT_PROTOCOL) -> dict:
     class order, which is the order of the volumes (as the atlas prior's sidecar)."""
     protocol = load_protocol(protocol_name)
     return {str(int(v)): name for v, name in zip(protocol.indices, protocol.names)}
-
-
-def _structures(protocol: Protocol, cv: Sequence[float], threshold: float) -> list[dict]:
-    from .segment import structure_flag
-
-    return [{"index": int(i), "name": n, "cv_percent": _num(cv[k]), "qc_flag": structure_flag(float(cv[k]), threshold)}
-            for k, (i, n) in enumerate(zip(protocol.indices, protocol.names)) if not (k == 0 and i == 0)]
 
 
 def native_volume_scale(inverse_transform: str | os.PathLike) -> float:
@@ -745,6 +762,7 @@ def cerebellum_files(crop_t1w: str, source_file: str, inverse_transform: str, he
     outputs["morph"] = write_morphometry_tsv(rows, out / "morph.tsv")
     outputs["dseg_tsv"] = str(atomic_write_text(out / "dseg.tsv", dseg_tsv(protocol)))
     hemi_cv, hemi_mcv, hemi_flag = merged_cv(result, HEMISPHERES_PROTOCOL)
+    hemi_limit, hemi_thresholds = merged_thresholds(result, HEMISPHERES_PROTOCOL)
     details = None
     if result.prior_used and prior_json:
         try:
@@ -768,16 +786,18 @@ def cerebellum_files(crop_t1w: str, source_file: str, inverse_transform: str, he
         "MCSamples": result.n_samples, "Seed": result.seed, "Modality": result.modality,
         "LabelProtocol": protocol.name, "MeanCVPercent": _num(result.mean_cv_percent),
         "QCThresholdPercent": result.qc_threshold, "QCFlag": result.qc_flag,
+        "QCCalibration": calibration_summary(result),
         "ICVML": None if icv_ml is None else round(float(icv_ml), 3), "VoxelSizeMM": list(vox),
         "NativeVolumeScale": round(scale, 6),
         "MaskDilationVoxels": MASK_DILATION, "CerebellumMaskVoxels": int(result.mask.sum()),
         "Protocols": {
             protocol.name: {"Segmentation": CEREBELLUM_SEG, "MeanCVPercent": _num(result.mean_cv_percent),
-                            "QCFlag": result.qc_flag,
-                            "Structures": _structures(protocol, result.cv_percent, result.qc_threshold)},
-            HEMISPHERES_PROTOCOL: {"MeanCVPercent": _num(hemi_mcv), "QCFlag": hemi_flag,
-                                   "Structures": _structures(load_protocol(HEMISPHERES_PROTOCOL), hemi_cv,
-                                                             result.qc_threshold)},
+                            "QCThresholdPercent": result.qc_threshold, "QCFlag": result.qc_flag,
+                            "Structures": structure_rows(protocol, result.cv_percent, result.class_thresholds())},
+            HEMISPHERES_PROTOCOL: {"MeanCVPercent": _num(hemi_mcv), "QCThresholdPercent": hemi_limit,
+                                   "QCFlag": hemi_flag,
+                                   "Structures": structure_rows(load_protocol(HEMISPHERES_PROTOCOL), hemi_cv,
+                                                                hemi_thresholds)},
         },
         "atlas_prior": atlas,
         "TimingsSeconds": {k: round(float(v), 3) for k, v in result.timings.items()},

@@ -70,7 +70,8 @@ def _dseg_tsv(protocol) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _structures(protocol, cv: Sequence[float], thresholds: Sequence[float]) -> list[dict]:
+def structure_rows(protocol, cv: Sequence[float], thresholds: Sequence[float]) -> list[dict]:
+    """QC JSON rows of a protocol's structures (background left out): CV, threshold, flag."""
     out = []
     for k, (index, name) in enumerate(zip(protocol.indices, protocol.names)):
         if k == 0 and index == 0:
@@ -142,7 +143,7 @@ def segment_files(t1w_preproc: str, icv_mask: str, source_file: str, checkpoints
                                                       out / f"conformed_{name}_dseg.nii.gz")
         qc_protocols[name] = {"Segmentation": seg_entity(name), "MeanCVPercent": _num(mcv),
                               "QCThresholdPercent": _num(limit), "QCFlag": flag,
-                              "Structures": _structures(protocol, cv, thresholds)}
+                              "Structures": structure_rows(protocol, cv, thresholds)}
     deep = None
     try:
         merge_chain(fine.name, DEEP_PROTOCOL)
@@ -151,7 +152,7 @@ def segment_files(t1w_preproc: str, icv_mask: str, source_file: str, checkpoints
         limit, thresholds = coarse_thresholds(result, deep_protocol)
         deep = {"Segmentation": seg_entity(DEEP_PROTOCOL), "MeanCVPercent": _num(mcv),
                 "QCThresholdPercent": _num(limit), "QCFlag": flag,
-                "Structures": _structures(deep_protocol, cv, thresholds)}
+                "Structures": structure_rows(deep_protocol, cv, thresholds)}
     except ProtocolError:
         log.info("protocol %s does not merge into %s: no deep-structure QC", fine.name, DEEP_PROTOCOL)
 

@@ -10,7 +10,10 @@ copy) this scores, on the MNI cerebellum crop:
 * Dice of the manual vermis lobule groups (630/631/632) inside the manual vermis;
 * the ablations: U-Net vs DPN vs ensemble lobule networks; atlas fusion alone (the classical peer,
   leave-subject-out) with its time;
-* robustness (DeepCERES Table 6): the ensemble on corrupted inputs.
+* robustness (DeepCERES Table 6): the ensemble on corrupted inputs;
+* the MC-dropout QC study: every cascade run's mean and per-structure volume CVs (``lobules`` and
+  ``hemispheres``) beside its lobule Dice, clean and corrupted, in ``cv_raw.json``, from which
+  ``arborseg-train calibrate-qc --method NAME`` derives the cascade's QC thresholds.
 """
 
 from __future__ import annotations
@@ -118,6 +121,7 @@ def run_cerebellum_cv(library_dir: Path, oasis_dir: Path, template: Path, out_di
 
         population = prior_probabilities(nib.load(str(population_prior)))
     rows: list[dict] = []
+    qc: list[dict] = []
     timing: dict[str, list[float]] = {}
     for i, case in enumerate(cases, 1):
         t1 = nib.load(str(Path(library_dir) / case["t1w"]))
@@ -159,6 +163,7 @@ def run_cerebellum_cv(library_dir: Path, oasis_dir: Path, template: Path, out_di
                                      num_threads=threads)
             add(method, res.labels, time.perf_counter() - t0, mean_cv_percent=round(float(res.mean_cv_percent), 2),
                 prior=kinds[method] or "none")
+            qc.append(_qc_row(res, case["subject"], method, "clean", rows[-1]["lobule_dice_mean"]))
         for ens in robust or ["ensemble" if "ensemble" in lobules else next(iter(lobules))]:
             for kind in degrade_kinds:
                 t0 = time.perf_counter()
@@ -166,11 +171,26 @@ def run_cerebellum_cv(library_dir: Path, oasis_dir: Path, template: Path, out_di
                                          prior=priors[kinds[ens]], mc_samples=mc_samples, num_threads=threads)
                 add(f"{ens}+{kind}", res.labels, time.perf_counter() - t0,
                     mean_cv_percent=round(float(res.mean_cv_percent), 2))
-        _write(out_dir, rows, timing, test_subjects)
-    return _write(out_dir, rows, timing, test_subjects)
+                qc.append(_qc_row(res, case["subject"], ens, kind, rows[-1]["lobule_dice_mean"]))
+        _write(out_dir, rows, timing, test_subjects, qc, mc_samples)
+    return _write(out_dir, rows, timing, test_subjects, qc, mc_samples)
 
 
-def _write(out_dir: Path, rows: list[dict], timing: dict, test_subjects: list[str]) -> dict:
+def _qc_row(result, subject: str, method: str, condition: str, dice: float) -> dict:
+    """One run of the QC study: its mean CV, lobule Dice and per-structure CVs of both protocols."""
+    from bids_app.models.cascade import HEMISPHERES_PROTOCOL, merged_cv
+
+    hemi_cv, hemi_mcv, _ = merged_cv(result, HEMISPHERES_PROTOCOL)
+    return {"subject": subject, "method": method, "condition": condition,
+            "mean_cv_percent": float(result.mean_cv_percent), "dice": float(dice),
+            "structure_cv": {result.protocol.name: {"mean_cv_percent": float(result.mean_cv_percent),
+                                                    "cv_percent": [float(c) for c in result.cv_percent]},
+                             HEMISPHERES_PROTOCOL: {"mean_cv_percent": float(hemi_mcv),
+                                                    "cv_percent": [float(c) for c in hemi_cv]}}}
+
+
+def _write(out_dir: Path, rows: list[dict], timing: dict, test_subjects: list[str], qc: list[dict] | None = None,
+           mc_samples: int | None = None) -> dict:
     keys = ["lobule_dice_mean", "cerebellum_dice", "cortex_dice", "wm_dice", "vermis_dice_mean"]
     methods = sorted({r["method"] for r in rows}, key=lambda m: [r["method"] for r in rows].index(m))
     summary = {"test_subjects": test_subjects, "labels": "lobules: silver (library); cerebellum/cortex/WM and "
@@ -192,6 +212,9 @@ def _write(out_dir: Path, rows: list[dict], timing: dict, test_subjects: list[st
         Path(tmp).write_text("\n".join(lines) + "\n")
     with atomic_output(out_dir / "summary.json") as tmp:
         Path(tmp).write_text(json.dumps(summary, indent=1) + "\n")
+    if qc:
+        with atomic_output(out_dir / "cv_raw.json") as tmp:
+            Path(tmp).write_text(json.dumps({"qc": qc, "mc_samples": mc_samples}) + "\n")
     return summary
 
 

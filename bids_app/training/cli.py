@@ -6,6 +6,7 @@
     arborseg-train folds CONFIG.toml --data DIR      # prints the test subjects of every fold
     arborseg-train export RUN_DIR/final STEM [--metrics METRICS.json] [--dtype float16] [--name NAME]
     arborseg-train calibrate-qc CV_DIR [CV_DIR...] --models MANIFEST.json [MANIFEST.json...] [--n-sd 2]
+                                [--method NAME]
 
 Runs resume from their last checkpoint when started again with the same ``--run`` folder.
 """
@@ -78,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="manifests (.json) of the ensemble's installed members")
     q.add_argument("--n-sd", type=float, default=2.0)
     q.add_argument("--modality", default="T1w")
+    q.add_argument("--method", help="the model set of a study that compared several (cerebellum CV: e.g. population)")
 
     e = sub.add_parser("export", help="write a run's final model as an installable checkpoint")
     e.add_argument("final", type=Path)
@@ -135,13 +137,14 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "calibrate-qc":
             from .crossval import write_calibration
 
-            cal = write_calibration(args.parts, args.models, n_sd=args.n_sd, modality=args.modality)
+            cal = write_calibration(args.parts, args.models, n_sd=args.n_sd, modality=args.modality,
+                                    method=args.method)
             for name, table in cal["protocols"].items():
                 print(f"{name}: mean CV threshold {table['mean_cv_threshold_percent']:.3f} %")
             s = cal["study"]
             print(f"study: {s['clean_flagged']}/{s['clean_scans']} clean and {s['degraded_flagged']}/"
-                  f"{s['degraded_scans']} degraded scans flagged; mean aseg Dice passed {s['mean_dice_passed']}, "
-                  f"flagged {s['mean_dice_flagged']}")
+                  f"{s['degraded_scans']} degraded scans flagged; {s['dice']} passed {s['mean_dice_passed']}, "
+                  f"flagged {s['mean_dice_flagged']}; r = {s['pearson_r_cv_vs_dice']}")
         elif args.command == "export":
             from bids_app.models.checkpoint import load_checkpoint, save_checkpoint
 

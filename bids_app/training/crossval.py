@@ -266,18 +266,28 @@ def merge_cv(parts: list[Path], out: Path) -> dict:
     return _write(Path(out), rows, qc, timing, raw["archs"], raw["mc_samples"], raw["split"], sorted(folds))
 
 
+def _study_dice(row: dict) -> float:
+    """The Dice of a QC-study row: the whole-brain study's aseg mean, the cerebellum study's lobule mean."""
+    return float(row["dice"] if "dice" in row else row["aseg_mean_dice"])
+
+
 def calibrate_qc(parts: list[Path], ensemble: list[str], *, modality: str = "T1w",
-                 n_sd: float = qc_calibration.DEFAULT_N_SD) -> dict:
+                 n_sd: float = qc_calibration.DEFAULT_N_SD, method: str | None = None) -> dict:
     """The ``qc_calibration`` of ``ensemble`` (manifest names) from the QC study of cross-validation runs.
 
     Thresholds from the clean held-out scans (:func:`bids_app.core.qc_calibration.calibrate_protocol`),
-    and what the mean threshold does on every scan of the study, degraded ones included.
+    and what the mean threshold does on every scan of the study, degraded ones included. ``method``
+    keeps the rows of one model set of a study that compared several (the cerebellum CV).
     """
     qc: list[dict] = []
     mc = set()
     for part in parts:
         raw = json.loads((Path(part) / "cv_raw.json").read_text())
-        qc += raw["qc"]
+        rows = [q for q in raw["qc"] if method is None or q.get("method") == method]
+        if method is not None and not rows:
+            raise ValueError(f"{part}: no QC-study rows of method {method!r} (found: "
+                             f"{', '.join(sorted({str(q.get('method')) for q in raw['qc']}))})")
+        qc += rows
         mc.add(int(raw["mc_samples"]))
     clean = [q for q in qc if q["condition"] == "clean" and q.get("structure_cv")]
     if not clean:
@@ -294,19 +304,22 @@ def calibrate_qc(parts: list[Path], ensemble: list[str], *, modality: str = "T1w
         protocols[name] = qc_calibration.calibrate_protocol(cv[:, keep], [r["mean_cv_percent"] for r in rows],
                                                             [proto.names[k] for k in keep], n_sd=n_sd)
     fine = next(iter(protocols))
-    study = qc_calibration.threshold_study([q["mean_cv_percent"] for q in qc], [q["aseg_mean_dice"] for q in qc],
+    dice = [_study_dice(q) for q in qc]
+    study = qc_calibration.threshold_study([q["mean_cv_percent"] for q in qc], dice,
                                            [q["condition"] for q in qc], protocols[fine]["mean_cv_threshold_percent"])
+    study["dice"] = "aseg mean Dice" if "aseg_mean_dice" in qc[0] else "lobule mean Dice"
     study["pearson_r_cv_vs_dice"] = round(pearson(np.array([q["mean_cv_percent"] for q in qc], dtype=float),
-                                              np.array([q["aseg_mean_dice"] for q in qc], dtype=float)), 4)
+                                              np.array(dice, dtype=float)), 4)
     study["subjects"] = sorted({q["subject"] for q in clean})
     return {"ensemble": sorted(ensemble), "modality": modality, "mc_samples": mc.pop(),
             "method": f"per structure and for the mean CV: max(mean + {n_sd:g} SD, max) of the CVs of "
                       f"{len(clean)} clean held-out OASIS-TRT-20 scans (cross-validation)",
+            "study_method": method,
             "n_sd": n_sd, "source": "arborseg-train cv", "protocols": protocols, "study": study}
 
 
 def write_calibration(parts: list[Path], manifests: list[Path], *, modality: str = "T1w",
-                      n_sd: float = qc_calibration.DEFAULT_N_SD) -> dict:
+                      n_sd: float = qc_calibration.DEFAULT_N_SD, method: str | None = None) -> dict:
     """:func:`calibrate_qc` for the ensemble of ``manifests``, written into each of them (atomically)."""
     loaded = []
     for path in manifests:
@@ -314,7 +327,7 @@ def write_calibration(parts: list[Path], manifests: list[Path], *, modality: str
         if path.suffix != ".json" or not path.is_file():
             raise FileNotFoundError(f"{path}: not a model manifest (.json)")
         loaded.append((path, json.loads(path.read_text())))
-    cal = calibrate_qc(parts, [m["name"] for _, m in loaded], modality=modality, n_sd=n_sd)
+    cal = calibrate_qc(parts, [m["name"] for _, m in loaded], modality=modality, n_sd=n_sd, method=method)
     for path, manifest in loaded:
         manifest["qc_calibration"] = cal
         with atomic_output(path) as tmp:

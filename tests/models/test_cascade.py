@@ -4,6 +4,7 @@ and the ensemble / MC-dropout path on tiny random checkpoints."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -335,3 +336,27 @@ def test_stage_mismatches_are_model_errors():
 def test_manifest_tasks_are_written(models):
     manifest = json.loads(models["lob_prior_dpn"].read_text())
     assert manifest["task"] == LOBULES_TASK and len(manifest["input_channels"]) == 14
+
+
+def test_calibrated_cascade_thresholds(models):
+    hemi_manifest = json.loads(Path(models["hemi_unet"]).read_text())
+    lob_manifest = json.loads(Path(models["lob_unet"]).read_text())
+    names = [hemi_manifest["name"], lob_manifest["name"]]
+    calibrated = dict(lob_manifest, qc_calibration={
+        "ensemble": names, "modality": "T1w", "mc_samples": 2, "method": "test", "source": "test", "study": {},
+        "protocols": {"lobules": {"mean_cv_threshold_percent": 40.0,
+                                  "structure_thresholds_percent": {LOBULES.names[1]: -1.0}},
+                      "hemispheres": {"mean_cv_threshold_percent": 30.0, "structure_thresholds_percent": {}}}})
+    kwargs = dict(mc_samples=2, device="cpu", num_threads=1)
+    result = segment_cerebellum(_crop(), [models["hemi_unet"]], [models["lob_unet"]],
+                                hemisphere_manifests=[hemi_manifest], lobule_manifests=[calibrated], **kwargs)
+    assert result.qc_calibration is not None and result.qc_threshold == 40.0
+    thresholds = result.class_thresholds()
+    assert thresholds[1] == -1.0 and set(thresholds[2:]) == {40.0}
+    assert result.structure_flags()[1] == "warn"
+    assert merged_cv(result, "hemispheres")[2] == ("pass" if merged_cv(result, "hemispheres")[1] <= 30.0 else "warn")
+    # another lobule model: not the calibrated cascade, so the T1w default
+    other = segment_cerebellum(_crop(), [models["hemi_unet"]], [models["lob_unet"], models["lob_unet"]],
+                               hemisphere_manifests=[hemi_manifest], lobule_manifests=[calibrated, lob_manifest],
+                               **kwargs)
+    assert other.qc_calibration is None and other.qc_threshold == 1.0

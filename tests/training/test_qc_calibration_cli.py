@@ -79,3 +79,19 @@ def test_cli_writes_the_calibration_that_segmentation_then_uses(tmp_path, capsys
     assert alone.qc_calibration is None and alone.qc_threshold == 1.0  # not the calibrated ensemble
     # a manifest that is not there is an error naming it, and nothing is written
     assert main(["calibrate-qc", str(part), "--models", str(tmp_path / "nope.json")]) != 0
+
+
+def test_calibrate_qc_keeps_one_method_of_a_cerebellum_study(tmp_path):
+    lobules = load_protocol("lobules")
+    qc = []
+    for i, (method, mcv) in enumerate([("population", 2.0), ("population", 2.2), ("population", 1.8),
+                                       ("other", 9.0), ("other", 9.5), ("other", 9.9)]):
+        cv = [0.0] + [mcv] * (len(lobules) - 1)
+        qc.append({"subject": f"s{i % 3}", "method": method, "condition": "clean", "mean_cv_percent": mcv,
+                   "dice": 0.7, "structure_cv": {"lobules": {"mean_cv_percent": mcv, "cv_percent": cv}}})
+    (tmp_path / "cv_raw.json").write_text(json.dumps({"qc": qc, "mc_samples": 15}))
+    cal = calibrate_qc([tmp_path], ["h", "l"], method="population")
+    assert cal["study_method"] == "population" and cal["study"]["dice"] == "lobule mean Dice"
+    assert cal["protocols"]["lobules"]["mean_cv_threshold_percent"] == pytest.approx(2.0 + 2 * 0.2, abs=1e-4)
+    with pytest.raises(ValueError, match="no QC-study rows of method 'nope'"):
+        calibrate_qc([tmp_path], ["h", "l"], method="nope")
