@@ -109,3 +109,10 @@ def protocol_thresholds(calibration: Mapping | None, protocol: str, names: Seque
     mean_limit = float(table["mean_cv_threshold_percent"])
     per = table.get("structure_thresholds_percent") or {}
     return mean_limit, np.array([float(per.get(n, mean_limit)) for n in names], dtype=np.float64)
+
+
+def origin_text(calibrated: bool) -> str:
+    """Where a QC threshold came from, in words (for the reports)."""
+    if calibrated:
+        return "calibrated for these models on clean held-out scans; each structure has its own threshold"
+    return "the default for the modality: these models have no calibration"

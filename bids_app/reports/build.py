@@ -13,6 +13,7 @@ from typing import Any
 
 from ..bids import atomic_write_json, atomic_write_text, derivative_path, source_entities
 from ..core.crop import CEREBELLUM_BOX_MM
+from ..core.qc_calibration import origin_text
 
 LOGGER = logging.getLogger(__name__)
 
@@ -272,13 +273,6 @@ def _fmt(value, digits: int = 2, scale: float = 1.0) -> str:
         return str(value)
 
 
-def threshold_origin(seg: dict) -> str:
-    """Where a QC threshold came from, in words."""
-    if seg.get("qc_calibrated"):
-        return "calibrated for this ensemble on clean held-out scans; structures have their own thresholds"
-    return "the default for the modality: this ensemble has no calibration"
-
-
 def segmentation_section(output_dir: Path, record: dict) -> dict | None:
     """The "Whole-brain segmentation" section: outlines, entropy, volume/QC table; None when switched off."""
     seg = record.get("segmentation") or {}
@@ -301,7 +295,7 @@ def segmentation_section(output_dir: Path, record: dict) -> dict | None:
         f"Ensemble of {len(seg.get('models') or [])} model(s) ({', '.join(map(str, seg.get('models') or []))}), "
         f"{seg.get('label_protocol')} protocol, {seg.get('mc_samples')} Monte-Carlo dropout samples (seed "
         f"{seg.get('seed')}). Mean volume CV {percent(seg.get('mean_cv_percent'))} against a threshold of "
-        f"{_fmt(seg.get('qc_threshold_percent'))} % ({threshold_origin(seg)}): QC {flag.upper()}. Deep grey matter "
+        f"{_fmt(seg.get('qc_threshold_percent'))} % ({origin_text(bool(seg.get('qc_calibrated')))}): QC {flag.upper()}. Deep grey matter "
         "(14 structures): mean CV "
         f"{percent(seg.get('deep14_mean_cv_percent'))}.")
     section["qc_flag"] = flag
@@ -357,7 +351,8 @@ def parcellation_section(output_dir: Path, record: dict) -> dict | None:
         f"Ensemble of {len(parc.get('models') or [])} model(s) ({', '.join(map(str, parc.get('models') or []))}), "
         f"{parc.get('label_protocol')} protocol, {parc.get('mc_samples')} Monte-Carlo dropout samples (seed "
         f"{parc.get('seed')}). Mean volume CV {'undefined' if mean_cv is None else _fmt(mean_cv, 3) + ' %'} "
-        f"against a threshold of {_fmt(parc.get('qc_threshold_percent'))} %: QC {flag.upper()}; {n_warn} of "
+        f"against a threshold of {_fmt(parc.get('qc_threshold_percent'))} % "
+        f"({origin_text(bool(parc.get('qc_calibrated')))}): QC {flag.upper()}; {n_warn} of "
         f"{len(rows)} structures flagged (volumes and flags: _seg-{seg}_morph.tsv).")
     section["qc_flag"] = flag
     source = record.get("source_file")

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..bids import derivative_path, source_entities
+from ..core.qc_calibration import origin_text
 
 LOGGER = logging.getLogger(__name__)
 
@@ -420,7 +421,8 @@ def _qc_sentence(qc: Mapping[str, Any]) -> str:
         thr = qc.get("QCThresholdPercent")
         text += (". " if text else "") + f"Mean volume CV {cv}"
         if thr is not None:
-            text += f" against a threshold of {_num(thr, 2)} %"
+            calibrated = bool((qc.get("QCCalibration") or {}).get("Calibrated"))
+            text += f" against a threshold of {_num(thr, 2)} % ({origin_text(calibrated)})"
         text += f": QC {str(qc.get('QCFlag') or 'n/a').upper()}"
     return text + "." if text else ""
 
