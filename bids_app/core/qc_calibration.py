@@ -85,16 +85,35 @@ def threshold_study(mean_cv: Sequence[float], dice: Sequence[float], conditions:
             "mean_dice_passed": mean_or_none(~warn), "mean_dice_flagged": mean_or_none(warn)}
 
 
+def calibrations_of(manifest: Mapping) -> list[dict]:
+    """The calibrations a manifest holds: its ``qc_calibration`` is one object or a list (a model can be a member
+    of several calibrated ensembles, e.g. the hemisphere network of both cerebellum paths)."""
+    cal = manifest.get("qc_calibration")
+    items = cal if isinstance(cal, list) else [cal]
+    return [dict(c) for c in items if isinstance(c, Mapping)]
+
+
+def _matches(cal: Mapping, wanted: list[str], modality: str) -> bool:
+    return sorted(map(str, cal.get("ensemble") or [])) == wanted and cal.get("modality", "T1w") == modality
+
+
 def find_calibration(manifests: Sequence[Mapping], names: Sequence[str], modality: str) -> dict | None:
-    """The ``qc_calibration`` of a member manifest made for exactly this ensemble and modality, else None."""
+    """The calibration of a member manifest made for exactly this ensemble and modality, else None."""
     wanted = sorted(str(n) for n in names)
     for manifest in manifests:
-        cal = manifest.get("qc_calibration")
-        if not isinstance(cal, Mapping):
-            continue
-        if sorted(map(str, cal.get("ensemble") or [])) == wanted and cal.get("modality", "T1w") == modality:
-            return dict(cal)
+        for cal in calibrations_of(manifest):
+            if _matches(cal, wanted, modality):
+                return cal
     return None
+
+
+def with_calibration(manifest: Mapping, calibration: Mapping) -> dict:
+    """A copy of ``manifest`` holding ``calibration``, replacing one for the same ensemble and modality."""
+    wanted = sorted(map(str, calibration.get("ensemble") or []))
+    kept = [c for c in calibrations_of(manifest) if not _matches(c, wanted, calibration.get("modality", "T1w"))]
+    out = dict(manifest)
+    out["qc_calibration"] = kept + [dict(calibration)] if kept else dict(calibration)
+    return out
 
 
 def protocol_thresholds(calibration: Mapping | None, protocol: str, names: Sequence[str],

@@ -329,7 +329,7 @@ def write_calibration(parts: list[Path], manifests: list[Path], *, modality: str
         loaded.append((path, json.loads(path.read_text())))
     cal = calibrate_qc(parts, [m["name"] for _, m in loaded], modality=modality, n_sd=n_sd, method=method)
     for path, manifest in loaded:
-        manifest["qc_calibration"] = cal
         with atomic_output(path) as tmp:
-            Path(tmp).write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
+            Path(tmp).write_text(json.dumps(qc_calibration.with_calibration(manifest, cal), indent=2,
+                                            allow_nan=False) + "\n")
     return cal

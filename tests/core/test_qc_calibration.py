@@ -66,3 +66,21 @@ def test_protocol_thresholds_fall_back_per_structure_and_per_protocol():
     assert mean == 1.0 and per.tolist() == [1.0, 1.0]
     mean, per = protocol_thresholds(None, "p", ["x"], fallback=2.5)
     assert mean == 2.5 and per.tolist() == [2.5]
+
+
+def test_a_model_can_hold_the_calibrations_of_several_ensembles():
+    from bids_app.core.qc_calibration import with_calibration
+
+    first = {"ensemble": ["h", "a"], "modality": "T1w", "protocols": {"p": {"mean_cv_threshold_percent": 1.0}}}
+    second = {"ensemble": ["h", "b"], "modality": "T1w", "protocols": {"p": {"mean_cv_threshold_percent": 2.0}}}
+    manifest = with_calibration({"name": "h"}, first)
+    assert manifest["qc_calibration"] == first  # one: a plain object
+    manifest = with_calibration(manifest, second)
+    assert len(manifest["qc_calibration"]) == 2
+    assert find_calibration([manifest], ["a", "h"], "T1w")["protocols"]["p"]["mean_cv_threshold_percent"] == 1.0
+    assert find_calibration([manifest], ["b", "h"], "T1w")["protocols"]["p"]["mean_cv_threshold_percent"] == 2.0
+    # calibrating the same ensemble again replaces its entry
+    redo = dict(first, protocols={"p": {"mean_cv_threshold_percent": 3.0}})
+    manifest = with_calibration(manifest, redo)
+    assert len(manifest["qc_calibration"]) == 2
+    assert find_calibration([manifest], ["a", "h"], "T1w")["protocols"]["p"]["mean_cv_threshold_percent"] == 3.0
