@@ -102,6 +102,8 @@ def test_wholebrain_segmentation_is_sensible(realworld, sub):
             assert abs(left - right) / (left + right) < 0.25, (structure, left, right)
     qc = json.loads((anat / f"sub-{sub}_seg-wholebrain_qc.json").read_text())
     assert qc["Sources"]
+    # the shipped ensemble at the default MC-15 has its own thresholds, not the 1 % T1w default
+    assert qc["QCCalibration"]["Calibrated"] is True and qc["QCThresholdPercent"] > 1.0
     assert (anat / f"sub-{sub}_seg-dkt_dseg.nii.gz").is_file()
 
 
