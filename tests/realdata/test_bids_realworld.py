@@ -138,6 +138,7 @@ def test_cerebellum_branch_is_sensible(realworld):
     qc = json.loads((anat / "sub-chris_seg-cerebellum_qc.json").read_text())
     prior = qc["atlas_prior"]
     assert prior["used"] is True and prior["kind"] == "population" and "library" in prior["reason"]
+    assert qc["QCCalibration"]["Calibrated"] is True  # the shipped no-library cascade has its own thresholds
     assert prior["details"]["kind"] == "population" and prior["details"]["n_cases"] == 20
     assert (out / "sub-chris_seg-cerebellum_report.pdf").read_bytes()[:4] == b"%PDF"
 
