@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--jlf-subjects", type=int, default=5)
     c.add_argument("--max-subjects", type=int, help="test subjects per fold (default: all)")
     c.add_argument("--degrade-subjects", type=int, default=0, help="test subjects per fold also run degraded")
+    c.add_argument("--subjects", nargs="+", help="only these test subjects (e.g. OASIS-TRT-20-4)")
+    c.add_argument("--jlf-only", action="store_true", help="run only the joint label fusion peer (no networks)")
 
     m = sub.add_parser("cv-merge", help="combine partial cross-validation runs into one summary")
     m.add_argument("parts", type=Path, nargs="+")
@@ -125,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
             summary = run_cv(args.data, args.runs, args.out, archs=args.archs, folds=args.folds, k=args.k,
                              mc_samples=args.mc_samples, threads=args.threads, jlf_folds=args.jlf_folds,
                              jlf_subjects=args.jlf_subjects, degrade_subjects=args.degrade_subjects,
-                             single_mc=args.single_mc, max_subjects=args.max_subjects)
+                             single_mc=args.single_mc, max_subjects=args.max_subjects, subjects=args.subjects,
+                             jlf_only=args.jlf_only)
             for method, protocols in summary["methods"].items():
                 print(method, " ".join(f"{p}={v['overall'].get('dice_mean')}" for p, v in protocols.items()))
         elif args.command == "cv-merge":

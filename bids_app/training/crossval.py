@@ -129,8 +129,12 @@ def jlf_segment(target: np.ndarray, atlases: list[tuple[np.ndarray, np.ndarray]]
 def run_cv(data: Path, runs: Path, out: Path, *, archs: list[str], folds: list[int] | None = None,
            k: int = 3, cv_seed: int = 0, mc_samples: int = 15, threads: int = 2, jlf_folds: list[int] = (),
            jlf_subjects: int = 5, degrade_subjects: int = 0, single_mc: int = 5,
-           max_subjects: int | None = None) -> dict:
-    """Cross-validate; writes ``<out>/cv_rows.tsv``, ``cv_summary.json`` and ``qc_study.tsv``."""
+           max_subjects: int | None = None, subjects: list[str] | None = None, jlf_only: bool = False) -> dict:
+    """Cross-validate; writes ``<out>/cv_rows.tsv``, ``cv_summary.json`` and ``qc_study.tsv``.
+
+    ``subjects`` keeps only these test subjects; ``jlf_only`` runs the joint-label-fusion peer alone
+    (no networks needed), e.g. to extend it to more subjects and merge with ``cv-merge``.
+    """
     from bids_app.models.segment import segment_volume
 
     data, runs, out = Path(data), Path(runs), Path(out)
@@ -145,12 +149,22 @@ def run_cv(data: Path, runs: Path, out: Path, *, archs: list[str], folds: list[i
     for fold in folds:
         members = [runs / f"{a}-fold{fold}" / "final" for a in archs]
         missing = [str(m) for m in members if not m.with_suffix(".json").is_file()]
-        if missing:
+        if missing and not jlf_only:
             raise FileNotFoundError(f"fold {fold}: no trained model {', '.join(missing)}")
         train_subjects = [s for s in sorted(by_subject) if s not in split[fold]]
         for i, subject in enumerate(split[fold][:max_subjects]):
+            if subjects is not None and subject not in subjects:
+                continue
             image, ref = _load_case(data, by_subject[subject])
             log.info("fold %d subject %s (%d/%d)", fold, subject, i + 1, len(split[fold]))
+            if jlf_only:
+                atlases = [_load_case(data, by_subject[s]) for s in train_subjects]
+                t0 = time.time()
+                fused = jlf_segment(image, atlases)
+                timing.setdefault("jlf", []).append(time.time() - t0)
+                rows += score(fused, ref, subject, "jlf")
+                _write(out, rows, qc, timing, archs, mc_samples, split, folds)
+                continue
             t0 = time.time()
             result = segment_volume(image, members, mc_samples=mc_samples, num_threads=threads, device="cpu")
             timing.setdefault("ensemble", []).append(time.time() - t0)
