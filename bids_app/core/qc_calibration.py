@@ -135,3 +135,18 @@ def origin_text(calibrated: bool) -> str:
     if calibrated:
         return "calibrated for these models on clean held-out scans; each structure has its own threshold"
     return "the default for the modality: these models have no calibration"
+
+
+def class_thresholds(structure_thresholds: Sequence[float] | None, threshold: float, n_classes: int) -> np.ndarray:
+    """Per class thresholds: the calibrated ones, else ``threshold`` for all ``n_classes``."""
+    if structure_thresholds is not None:
+        return np.asarray(structure_thresholds, dtype=np.float64)
+    return np.full(int(n_classes), float(threshold))
+
+
+def samples_warning(calibration: Mapping | None, mc_samples: int) -> str | None:
+    """A warning when ``calibration`` was made with another number of MC samples (the CVs are less comparable)."""
+    if calibration is None or int(calibration.get("mc_samples", mc_samples)) == int(mc_samples):
+        return None
+    return (f"the QC thresholds were calibrated with {calibration.get('mc_samples')} MC samples, this run draws "
+            f"{int(mc_samples)}: the CVs are less comparable")

@@ -76,7 +76,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from ..core.labels import Protocol, class_merge_matrix, load_mapping, load_protocol, merge_probabilities
-from ..core.qc_calibration import find_calibration, protocol_thresholds
+from ..core.qc_calibration import class_thresholds, find_calibration, protocol_thresholds, samples_warning
 from .checkpoint import ModelError, _split_path, models_with_task, verify_checkpoint
 from .segment_files import _num, calibration_summary, structure_rows
 
@@ -383,9 +383,8 @@ class CascadeResult:
     qc_calibration: dict | None = None
 
     def class_thresholds(self) -> np.ndarray:
-        if self.structure_thresholds is not None:
-            return np.asarray(self.structure_thresholds, dtype=np.float64)
-        return np.full(len(self.cv_percent), float(self.qc_threshold))
+        """Per class QC threshold (percent): the calibrated one, else :attr:`qc_threshold`."""
+        return class_thresholds(self.structure_thresholds, self.qc_threshold, len(self.cv_percent))
 
     def structure_flags(self) -> list[str]:
         from .segment import structure_flag
@@ -614,6 +613,8 @@ def segment_cerebellum(
     manifests = [m for _, m in hemis] + [m for _, m in lobes]
     calibration = find_calibration(manifests, [str(m.get("name")) for m in manifests], modality) \
         if threshold is None else None
+    if samples_warning(calibration, mc_samples):
+        log.warning("cerebellum cascade: %s", samples_warning(calibration, mc_samples))
     default = qc_threshold(modality) if threshold is None else float(threshold)
     limit, per_class = protocol_thresholds(calibration, out_protocol.name, out_protocol.names, default)
     flag = qc_flag(mcv, threshold=limit)

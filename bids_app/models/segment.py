@@ -66,7 +66,7 @@ from ..core.labels import (
     merge_chain,
     merged_probabilities,
 )
-from ..core.qc_calibration import find_calibration, protocol_thresholds
+from ..core.qc_calibration import class_thresholds, find_calibration, protocol_thresholds, samples_warning
 from .checkpoint import (ModelError, _read_manifest, _split_path, models_with_task, validate_manifest,
                          verify_checkpoint)
 
@@ -122,9 +122,7 @@ class SegmentationResult:
 
     def class_thresholds(self) -> np.ndarray:
         """Per class QC threshold (percent): the calibrated one, else :attr:`qc_threshold`."""
-        if self.structure_thresholds is not None:
-            return np.asarray(self.structure_thresholds, dtype=np.float64)
-        return np.full(len(self.cv_percent), float(self.qc_threshold))
+        return class_thresholds(self.structure_thresholds, self.qc_threshold, len(self.cv_percent))
 
     def structure_flags(self) -> list[str]:
         """Per class: ``"warn"`` when its CV exceeds its threshold or is undefined, else ``"pass"``."""
@@ -472,9 +470,8 @@ def segment_volume(
     background = 0 if protocol.indices and protocol.indices[0] == 0 else None
     mcv = mean_cv(cv, background)
     calibration = find_calibration([m for _, m in members], names, modality) if threshold is None else None
-    if calibration is not None and int(calibration.get("mc_samples", mc_samples)) != int(mc_samples):
-        log.warning("the QC thresholds were calibrated with %s MC samples, this run draws %d: the CVs are "
-                    "less comparable", calibration.get("mc_samples"), mc_samples)
+    if samples_warning(calibration, mc_samples):
+        log.warning("whole-brain segmentation: %s", samples_warning(calibration, mc_samples))
     default = qc_threshold(modality) if threshold is None else float(threshold)
     limit, per_class = protocol_thresholds(calibration, protocol.name, protocol.names, default)
     flag = qc_flag(mcv, threshold=limit)

@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from bids_app.atomic import atomic_output
-from bids_app.core.intensity import normalise_intensity
 from bids_app.core import qc_calibration
+from bids_app.core.intensity import normalise_intensity
 from bids_app.core.labels import load_protocol, merge_labels
 from bids_app.core.metrics import pearson
 from bids_app.evaluate import evaluate_arrays, summarise_rows
@@ -157,12 +157,15 @@ def run_cv(data: Path, runs: Path, out: Path, *, archs: list[str], folds: list[i
                 continue
             image, ref = _load_case(data, by_subject[subject])
             log.info("fold %d subject %s (%d/%d)", fold, subject, i + 1, len(split[fold]))
-            if jlf_only:
-                atlases = [_load_case(data, by_subject[s]) for s in train_subjects]
+
+            def peer() -> None:  # joint label fusion with the fold's training subjects as atlases
                 t0 = time.time()
-                fused = jlf_segment(image, atlases)
+                fused = jlf_segment(image, [_load_case(data, by_subject[s]) for s in train_subjects])
                 timing.setdefault("jlf", []).append(time.time() - t0)
-                rows += score(fused, ref, subject, "jlf")
+                rows.extend(score(fused, ref, subject, "jlf"))
+
+            if jlf_only:
+                peer()
                 _write(out, rows, qc, timing, archs, mc_samples, split, folds)
                 continue
             t0 = time.time()
@@ -180,11 +183,7 @@ def run_cv(data: Path, runs: Path, out: Path, *, archs: list[str], folds: list[i
                     timing.setdefault(arch, []).append(time.time() - t0)
                     rows += score(single.labels, ref, subject, arch, single.protocol.name)
             if fold in jlf_folds and i < jlf_subjects:
-                atlases = [_load_case(data, by_subject[s]) for s in train_subjects]
-                t0 = time.time()
-                fused = jlf_segment(image, atlases)
-                timing.setdefault("jlf", []).append(time.time() - t0)
-                rows += score(fused, ref, subject, "jlf")
+                peer()
             if i < degrade_subjects:
                 for kind in DEGRADATIONS:
                     bad = degrade(image, kind, seed=i)

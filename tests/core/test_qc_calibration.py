@@ -84,3 +84,12 @@ def test_a_model_can_hold_the_calibrations_of_several_ensembles():
     manifest = with_calibration(manifest, redo)
     assert len(manifest["qc_calibration"]) == 2
     assert find_calibration([manifest], ["a", "h"], "T1w")["protocols"]["p"]["mean_cv_threshold_percent"] == 3.0
+
+
+def test_samples_warning_and_class_thresholds():
+    from bids_app.core.qc_calibration import class_thresholds, samples_warning
+
+    assert samples_warning(None, 15) is None and samples_warning({"mc_samples": 15}, 15) is None
+    assert "calibrated with 15 MC samples, this run draws 5" in samples_warning({"mc_samples": 15}, 5)
+    assert class_thresholds(None, 2.0, 3).tolist() == [2.0, 2.0, 2.0]
+    assert class_thresholds([1.0, 4.0], 2.0, 2).tolist() == [1.0, 4.0]
