@@ -613,8 +613,9 @@ def segment_cerebellum(
     manifests = [m for _, m in hemis] + [m for _, m in lobes]
     calibration = find_calibration(manifests, [str(m.get("name")) for m in manifests], modality) \
         if threshold is None else None
-    if samples_warning(calibration, mc_samples):
-        log.warning("cerebellum cascade: %s", samples_warning(calibration, mc_samples))
+    warning = samples_warning(calibration, mc_samples)
+    if warning:
+        log.warning("cerebellum cascade: %s", warning)
     default = qc_threshold(modality) if threshold is None else float(threshold)
     limit, per_class = protocol_thresholds(calibration, out_protocol.name, out_protocol.names, default)
     flag = qc_flag(mcv, threshold=limit)

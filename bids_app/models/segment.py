@@ -470,8 +470,9 @@ def segment_volume(
     background = 0 if protocol.indices and protocol.indices[0] == 0 else None
     mcv = mean_cv(cv, background)
     calibration = find_calibration([m for _, m in members], names, modality) if threshold is None else None
-    if samples_warning(calibration, mc_samples):
-        log.warning("whole-brain segmentation: %s", samples_warning(calibration, mc_samples))
+    warning = samples_warning(calibration, mc_samples)
+    if warning:
+        log.warning("whole-brain segmentation: %s", warning)
     default = qc_threshold(modality) if threshold is None else float(threshold)
     limit, per_class = protocol_thresholds(calibration, protocol.name, protocol.names, default)
     flag = qc_flag(mcv, threshold=limit)

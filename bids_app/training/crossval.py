@@ -202,10 +202,11 @@ def run_cv(data: Path, runs: Path, out: Path, *, archs: list[str], folds: list[i
 def structure_cvs(result) -> dict:
     """Per protocol the result gives (its own, the coarser ones, ``deep14``): mean CV and per-class CVs."""
     from bids_app.core.labels import ProtocolError, merge_chain
-    from bids_app.models.segment import coarse_cv
+    from bids_app.models.segment import COARSE_PROTOCOLS, coarse_cv
+    from bids_app.models.segment_files import DEEP_PROTOCOL
 
     out = {}
-    for name in (result.protocol.name, "aseg", "cerebrum7", "deep14"):
+    for name in (result.protocol.name, *COARSE_PROTOCOLS, DEEP_PROTOCOL):
         if name in out:
             continue
         try:
