@@ -5,6 +5,7 @@
                                    [--iterations N] [--stop-after N] [--no-resume]
     arborseg-train folds CONFIG.toml --data DIR      # prints the test subjects of every fold
     arborseg-train export RUN_DIR/final STEM [--metrics METRICS.json] [--dtype float16] [--name NAME]
+                          [--task TASK] [--model-version VERSION]
     arborseg-train calibrate-qc CV_DIR [CV_DIR...] --models MANIFEST.json [MANIFEST.json...] [--n-sd 2]
                                 [--method NAME]
 
@@ -90,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     e.add_argument("--name")
     e.add_argument("--task", help="manifest task: wholebrain, parcellation (the default ensembles) or another name (opt-in)")
+    e.add_argument("--model-version", help="manifest version (default: the training config's `version`)")
     return parser
 
 
@@ -159,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
             fields["name"] = args.name or args.stem.name
             if args.task:
                 fields["task"] = args.task
+            if args.model_version:
+                fields["version"] = args.model_version
             save_checkpoint(model, args.stem, fields, dtype=args.dtype)
             print(f"{args.stem}.safetensors")
     except (ArborSegError, FileNotFoundError, ValueError) as exc:

@@ -198,6 +198,11 @@ def test_cli_fit_export_and_errors(tmp_path, capsys):
                        "--metrics", str(metrics)]) == 0
     _, manifest = load_checkpoint(tmp_path / "out" / "tiny")
     assert manifest["metrics"]["cv_mean_dice"] == 0.5 and manifest["weights_dtype"] == "float16"
+    assert manifest["version"] == "0.1.0" and manifest["name"] == "tiny"
+    assert train_main(["export", str(tmp_path / "r" / "final"), str(tmp_path / "out" / "v2"), "--task", "wholebrain",
+                       "--model-version", "0.2.0", "--name", "tiny-v2"]) == 0
+    _, manifest = load_checkpoint(tmp_path / "out" / "v2")
+    assert (manifest["version"], manifest["task"], manifest["name"]) == ("0.2.0", "wholebrain", "tiny-v2")
     assert train_main(["fit", str(cfg_path), "--data", str(tmp_path / "nothing"), "--run", str(tmp_path / "x")]) == 2
     assert "no packed training data" in capsys.readouterr().err
     bad = tmp_path / "bad.toml"
