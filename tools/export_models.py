@@ -3,7 +3,7 @@
 This is how the 0.1.0 models were installed. The 0.2.0 whole-brain and parcellation models (stage 2, fold 0
 only) are exported one by one with ``arborseg-train export`` (README, "Trained models, training and
 evaluation"); running this script would put the weaker stage-1 fold-1/2 CEREBRUM models back in the default
-ensemble.
+ensemble and replace the stage-2 U-Net of fold 0 (0.2.0, a default member) with its stage-1 model.
 
     python tools/export_models.py _train/runs _train/cv/all _train/cv/parc [_train/cv/segnet]
 
