@@ -157,46 +157,42 @@ def run_cv(data: Path, runs: Path, out: Path, *, archs: list[str], folds: list[i
                 continue
             image, ref = _load_case(data, by_subject[subject])
             log.info("fold %d subject %s (%d/%d)", fold, subject, i + 1, len(split[fold]))
-
-            def peer() -> None:  # joint label fusion with the fold's training subjects as atlases
+            if not jlf_only:
+                t0 = time.time()
+                result = segment_volume(image, members, mc_samples=mc_samples, num_threads=threads, device="cpu")
+                timing.setdefault("ensemble", []).append(time.time() - t0)
+                ens_rows = score(result.labels, ref, subject, "ensemble", result.protocol.name)
+                rows += ens_rows
+                qc.append(_qc_row(subject, fold, "clean", result, ens_rows))
+                if len(archs) > 1:
+                    for arch, member in zip(archs, members):
+                        t0 = time.time()
+                        single = segment_volume(image, [member], mc_samples=single_mc, num_threads=threads,
+                                                device="cpu")
+                        timing.setdefault(arch, []).append(time.time() - t0)
+                        rows += score(single.labels, ref, subject, arch, single.protocol.name)
+            if jlf_only or (fold in jlf_folds and i < jlf_subjects):
+                # the classical peer: joint label fusion with the fold's training subjects as atlases
                 t0 = time.time()
                 fused = jlf_segment(image, [_load_case(data, by_subject[s]) for s in train_subjects])
                 timing.setdefault("jlf", []).append(time.time() - t0)
-                rows.extend(score(fused, ref, subject, "jlf"))
-
-            if jlf_only:
-                peer()
-                _write(out, rows, qc, timing, archs, mc_samples, split, folds)
-                continue
-            t0 = time.time()
-            result = segment_volume(image, members, mc_samples=mc_samples, num_threads=threads, device="cpu")
-            timing.setdefault("ensemble", []).append(time.time() - t0)
-            ens_rows = score(result.labels, ref, subject, "ensemble", result.protocol.name)
-            rows += ens_rows
-            aseg_dice = float(np.nanmean([r["dice"] for r in ens_rows if r["protocol"] == "aseg"]))
-            qc.append({"subject": subject, "fold": fold, "condition": "clean", "mean_cv_percent": result.mean_cv_percent,
-                       "aseg_mean_dice": aseg_dice, "qc_flag": result.qc_flag, "structure_cv": structure_cvs(result)})
-            if len(archs) > 1:
-                for arch, member in zip(archs, members):
-                    t0 = time.time()
-                    single = segment_volume(image, [member], mc_samples=single_mc, num_threads=threads, device="cpu")
-                    timing.setdefault(arch, []).append(time.time() - t0)
-                    rows += score(single.labels, ref, subject, arch, single.protocol.name)
-            if fold in jlf_folds and i < jlf_subjects:
-                peer()
-            if i < degrade_subjects:
+                rows += score(fused, ref, subject, "jlf")
+            if not jlf_only and i < degrade_subjects:
                 for kind in DEGRADATIONS:
-                    bad = degrade(image, kind, seed=i)
-                    res = segment_volume(bad, members, mc_samples=mc_samples, num_threads=threads, device="cpu")
+                    res = segment_volume(degrade(image, kind, seed=i), members, mc_samples=mc_samples,
+                                         num_threads=threads, device="cpu")
                     d_rows = score(res.labels, ref, subject, f"ensemble-{kind}", res.protocol.name)
                     rows += d_rows
-                    qc.append({"subject": subject, "fold": fold, "condition": kind,
-                               "mean_cv_percent": res.mean_cv_percent, "qc_flag": res.qc_flag,
-                               "aseg_mean_dice": float(np.nanmean([r["dice"] for r in d_rows
-                                                                    if r["protocol"] == "aseg"])),
-                               "structure_cv": structure_cvs(res)})
+                    qc.append(_qc_row(subject, fold, kind, res, d_rows))
             _write(out, rows, qc, timing, archs, mc_samples, split, folds)
     return _write(out, rows, qc, timing, archs, mc_samples, split, folds)
+
+
+def _qc_row(subject: str, fold: int, condition: str, result, score_rows: list[dict]) -> dict:
+    """One row of the QC study: the run's mean CV and flag, its aseg mean Dice and per-structure CVs."""
+    return {"subject": subject, "fold": fold, "condition": condition, "mean_cv_percent": result.mean_cv_percent,
+            "aseg_mean_dice": float(np.nanmean([r["dice"] for r in score_rows if r["protocol"] == "aseg"])),
+            "qc_flag": result.qc_flag, "structure_cv": structure_cvs(result)}
 
 
 def structure_cvs(result) -> dict:
