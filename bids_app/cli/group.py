@@ -120,7 +120,9 @@ def collect_segmentations(output_dir: Path, records: list[dict]) -> tuple[dict[s
                 n_structures_warn=sum(s.get("qc_flag") == "warn" for s in structures),
                 label_protocol=qc.get("LabelProtocol"),
                 models="+".join(str(m.get("Name")) for m in qc.get("Models", [])),
-                mc_samples=qc.get("MCSamples"), seed=qc.get("Seed"), seg_mean_cv_percent=qc.get("MeanCVPercent")))
+                mc_samples=qc.get("MCSamples"), seed=qc.get("Seed"), seg_mean_cv_percent=qc.get("MeanCVPercent"),
+                input_flag=(qc.get("InputResolution") or {}).get("Flag"),
+                input_thickest_mm=(qc.get("InputResolution") or {}).get("ThickestMM")))
     return volumes, qc_rows
 
 

@@ -85,3 +85,29 @@ def crop_to_mask(img, mask: np.ndarray, *, margin_mm: float):
     lo = np.maximum(idx.min(axis=0) - margin, 0)
     hi = np.minimum(idx.max(axis=0) + margin + 1, np.asarray(img.shape[:3]))
     return img.slicer[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+
+
+def input_resolution(zooms, model_voxel_mm: float) -> dict:
+    """The input-geometry part of the segmentation QC: does the raw image hold the detail the models see?
+
+    ``zooms`` are the raw image's voxel sizes (mm), ``model_voxel_mm`` the coarsest voxel of the models.
+    ``Flag`` is ``"warn"`` when the thickest voxel edge exceeds ``model_voxel_mm`` (thick slices, coarse
+    clinical scans): conforming then interpolates detail the scan never had, which MC-dropout CV does
+    not always reveal (its cross-validation misses simulated 5 mm slices), so the geometry is reported
+    on its own. Returns BIDS-style keys for the QC JSON.
+    """
+    sizes = [float(z) for z in np.asarray(zooms, dtype=float).ravel()[:3]]
+    if len(sizes) != 3 or not all(np.isfinite(sizes)) or min(sizes) <= 0:
+        raise ValueError(f"voxel sizes must be three positive numbers, got {list(zooms)}")
+    if not model_voxel_mm > 0:
+        raise ValueError(f"model voxel size must be positive, got {model_voxel_mm}")
+    thickest, finest = max(sizes), min(sizes)
+    coarse = thickest > float(model_voxel_mm) + 1e-3
+    reason = None
+    if coarse:
+        axis = "xyz"[sizes.index(thickest)]
+        reason = (f"voxels are {thickest:.2f} mm along {axis}, coarser than the models' {float(model_voxel_mm):.2f} mm "
+                  "grid: structures thinner than that are interpolated, so their volumes are less reliable")
+    return {"VoxelSizeMM": [round(s, 4) for s in sizes], "ThickestMM": round(thickest, 4),
+            "Anisotropy": round(thickest / finest, 3), "ModelVoxelMM": float(model_voxel_mm),
+            "Flag": "warn" if coarse else "pass", "Reason": reason}

@@ -40,6 +40,7 @@ import numpy as np
 
 from ..bids import atomic_write_json, atomic_write_text, seg_entity
 from ..core import images
+from ..core.conform import input_resolution
 from ..core.files import save_atomic
 from ..core.labels import ProtocolError, load_protocol, merge_chain
 from ..core.morphometry import morphometry_rows, write_morphometry_tsv
@@ -159,6 +160,10 @@ def segment_files(t1w_preproc: str, icv_mask: str, source_file: str, checkpoints
     # native grid of the raw T1w
     native = nb.load(str(source_file))
     n_shape, n_affine = tuple(int(s) for s in native.shape[:3]), np.asarray(native.affine, dtype=float)
+    model_voxel = max(max(v) for v in result.model_voxel_sizes_mm) if result.model_voxel_sizes_mm else max(vox)
+    geometry = input_resolution(images.zooms_of(native), model_voxel)
+    if geometry["Flag"] == "warn":
+        log.warning("%s: %s", source_file, geometry["Reason"])
 
     def to_native(data: np.ndarray, order: int, dtype) -> Any:
         return images.new_image(resample_to_grid(data, conf.affine, n_shape, n_affine, order=order, dtype=dtype),
@@ -201,7 +206,7 @@ def segment_files(t1w_preproc: str, icv_mask: str, source_file: str, checkpoints
         "QCThresholdPercent": result.qc_threshold, "QCFlag": result.qc_flag,
         "QCCalibration": calibration_summary(result),
         "Deep14MeanCVPercent": deep["MeanCVPercent"] if deep else None,
-        "ICVML": round(float(icv_ml), 3), "VoxelSizeMM": list(vox),
+        "ICVML": round(float(icv_ml), 3), "VoxelSizeMM": list(vox), "InputResolution": geometry,
         "Protocols": dict(qc_protocols, **({DEEP_PROTOCOL: deep} if deep else {})),
         "TimingsSeconds": {k: round(float(v), 3) for k, v in result.timings.items()},
     }

@@ -250,6 +250,7 @@ def _branch_record(seg, output_dir: Path, source_file: str | None, status: str, 
         "qc_flag": qc.get("QCFlag"), "deep14_mean_cv_percent": qc.get("Deep14MeanCVPercent"),
         "qc_calibrated": bool((qc.get("QCCalibration") or {}).get("Calibrated")),
         "icv_ml": qc.get("ICVML"), "qc_file": str(qc_path.relative_to(output_dir)), "volumes": volumes,
+        "input_resolution": qc.get("InputResolution") or {},
     }
 
 
@@ -298,6 +299,11 @@ def segmentation_section(output_dir: Path, record: dict) -> dict | None:
         f"{_fmt(seg.get('qc_threshold_percent'))} % ({origin_text(bool(seg.get('qc_calibrated')))}): QC {flag.upper()}. Deep grey matter "
         "(14 structures): mean CV "
         f"{percent(seg.get('deep14_mean_cv_percent'))}.")
+    geometry = seg.get("input_resolution") or {}
+    if geometry.get("Flag") == "warn":
+        section["description"] += f" Input resolution WARN: {geometry.get('Reason')}."
+        if flag == "pass":
+            flag = "warn"
     section["qc_flag"] = flag
     source = record.get("source_file")
     if source:

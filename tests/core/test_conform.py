@@ -148,3 +148,21 @@ def test_head_mask_of_sphere_fills_holes_and_drops_specks():
 
 def test_head_mask_of_empty_image():
     assert not conform.head_mask(np.zeros((10, 10, 10))).any()
+
+
+def test_input_resolution_passes_fine_grids_and_warns_on_thick_slices():
+    fine = conform.input_resolution((0.88, 0.88, 0.88), 2.0)
+    assert fine["Flag"] == "pass" and fine["Reason"] is None and fine["Anisotropy"] == 1.0
+    assert conform.input_resolution((1.0, 1.0, 2.0), 2.0)["Flag"] == "pass"  # as coarse as the models, no coarser
+    thick = conform.input_resolution(np.array([0.43, 0.43, 5.5]), 2.0)
+    assert thick["Flag"] == "warn" and thick["ThickestMM"] == 5.5 and thick["Anisotropy"] == pytest.approx(12.791)
+    assert "5.50 mm along z" in thick["Reason"] and "2.00 mm" in thick["Reason"]
+    assert conform.input_resolution((3.0, 1.0, 1.0), 2.0)["Reason"].startswith("voxels are 3.00 mm along x")
+    # a 1 mm model grid is stricter
+    assert conform.input_resolution((1.0, 1.0, 2.0), 1.0)["Flag"] == "warn"
+
+
+@pytest.mark.parametrize("zooms", [(1.0, 1.0), (1.0, 0.0, 1.0), (1.0, float("nan"), 1.0)])
+def test_input_resolution_rejects_bad_voxel_sizes(zooms):
+    with pytest.raises(ValueError, match="voxel sizes"):
+        conform.input_resolution(zooms, 2.0)

@@ -109,6 +109,10 @@ def test_tables_and_qc(inputs, isolated):
     assert len(qc["Protocols"]["aseg"]["Structures"]) == 32 and len(qc["Protocols"]["deep14"]["Structures"]) == 14
     assert all(s["qc_flag"] in ("pass", "warn") for s in qc["Protocols"]["cerebrum7"]["Structures"])
     assert "Deep14MeanCVPercent" in qc and qc["ICVML"] > 0
+    # the raw T1w is 1 mm, no coarser than the model grid
+    geometry = qc["InputResolution"]
+    assert geometry["VoxelSizeMM"] == [1.0, 1.0, 1.0] and geometry["Flag"] == "pass"
+    assert geometry["ModelVoxelMM"] >= 1.0
     assert isolated.qc_flag == qc["QCFlag"]
     assert qc["QCCalibration"]["Calibrated"] is False  # the tiny model has none: the T1w default
     assert {s["qc_threshold_percent"] for s in qc["Protocols"]["aseg"]["Structures"]} == {1.0}

@@ -265,6 +265,21 @@ def test_segmentation_section_table(tmp_path):
     assert "Brain-Stem &lt;b&gt;" in html and "2 of 3 rows flagged" in html
 
 
+def test_segmentation_section_warns_on_a_coarse_input(tmp_path):
+    from bids_app.core.conform import input_resolution
+    from bids_app.reports.build import segmentation_section
+
+    record = _seg_record()
+    record["segmentation"]["input_resolution"] = input_resolution((0.5, 0.5, 5.5), 2.0)
+    section = segmentation_section(tmp_path, record)
+    assert "QC PASS" in section["description"]  # the MC-dropout verdict itself is unchanged
+    assert "Input resolution WARN: voxels are 5.50 mm along z" in section["description"]
+    assert section["qc_flag"] == "warn"  # but the section's badge warns
+    record["segmentation"]["input_resolution"] = input_resolution((1.0, 1.0, 1.0), 2.0)
+    fine = segmentation_section(tmp_path, record)
+    assert "Input resolution" not in fine["description"] and fine["qc_flag"] == "pass"
+
+
 def test_segmentation_section_skipped_and_off(tmp_path):
     from bids_app.reports.build import segmentation_section
 
