@@ -105,8 +105,8 @@ def input_resolution(zooms, model_voxel_mm: float) -> dict:
     coarse = thickest > float(model_voxel_mm) + 1e-3
     reason = None
     if coarse:
-        axis = "xyz"[sizes.index(thickest)]
-        reason = (f"voxels are {thickest:.2f} mm along {axis}, coarser than the models' {float(model_voxel_mm):.2f} mm "
+        axis = ("first", "second", "third")[sizes.index(thickest)]
+        reason = (f"voxels are {thickest:.2f} mm along the {axis} voxel axis, coarser than the models' {float(model_voxel_mm):.2f} mm "
                   "grid: structures thinner than that are interpolated, so their volumes are less reliable")
     return {"VoxelSizeMM": [round(s, 4) for s in sizes], "ThickestMM": round(thickest, 4),
             "Anisotropy": round(thickest / finest, 3), "ModelVoxelMM": float(model_voxel_mm),

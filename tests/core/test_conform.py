@@ -156,8 +156,8 @@ def test_input_resolution_passes_fine_grids_and_warns_on_thick_slices():
     assert conform.input_resolution((1.0, 1.0, 2.0), 2.0)["Flag"] == "pass"  # as coarse as the models, no coarser
     thick = conform.input_resolution(np.array([0.43, 0.43, 5.5]), 2.0)
     assert thick["Flag"] == "warn" and thick["ThickestMM"] == 5.5 and thick["Anisotropy"] == pytest.approx(12.791)
-    assert "5.50 mm along z" in thick["Reason"] and "2.00 mm" in thick["Reason"]
-    assert conform.input_resolution((3.0, 1.0, 1.0), 2.0)["Reason"].startswith("voxels are 3.00 mm along x")
+    assert "5.50 mm along the third voxel axis" in thick["Reason"] and "2.00 mm" in thick["Reason"]
+    assert conform.input_resolution((3.0, 1.0, 1.0), 2.0)["Reason"].startswith("voxels are 3.00 mm along the first voxel axis")
     # a 1 mm model grid is stricter
     assert conform.input_resolution((1.0, 1.0, 2.0), 1.0)["Flag"] == "warn"
 

@@ -108,7 +108,7 @@ def test_wholebrain_segmentation_is_sensible(realworld, sub):
     geometry = qc["InputResolution"]
     assert geometry["Flag"] == ("warn" if sub == "tcga6692" else "pass"), geometry
     if sub == "tcga6692":
-        assert geometry["ThickestMM"] == pytest.approx(5.5, abs=0.01) and "along z" in geometry["Reason"]
+        assert geometry["ThickestMM"] == pytest.approx(5.5, abs=0.01) and "third voxel axis" in geometry["Reason"]
     assert (anat / f"sub-{sub}_seg-dkt_dseg.nii.gz").is_file()
 
 

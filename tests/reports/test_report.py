@@ -273,7 +273,7 @@ def test_segmentation_section_warns_on_a_coarse_input(tmp_path):
     record["segmentation"]["input_resolution"] = input_resolution((0.5, 0.5, 5.5), 2.0)
     section = segmentation_section(tmp_path, record)
     assert "QC PASS" in section["description"]  # the MC-dropout verdict itself is unchanged
-    assert "Input resolution WARN: voxels are 5.50 mm along z" in section["description"]
+    assert "Input resolution WARN: voxels are 5.50 mm along the third voxel axis" in section["description"]
     assert section["qc_flag"] == "warn"  # but the section's badge warns
     record["segmentation"]["input_resolution"] = input_resolution((1.0, 1.0, 1.0), 2.0)
     fine = segmentation_section(tmp_path, record)
