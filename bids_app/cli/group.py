@@ -51,7 +51,8 @@ def rows_to_tsv(rows: list[dict]) -> str:
 
 
 SEG_QC_COLUMNS = ("label", "subject", "session", "qc_flag", "mean_cv_percent", "qc_threshold_percent",
-                  "deep14_mean_cv_percent", "n_structures_warn", "label_protocol", "models", "mc_samples", "seed")
+                  "deep14_mean_cv_percent", "n_structures_warn", "label_protocol", "models", "mc_samples", "seed",
+                  "input_flag", "input_thickest_mm")
 
 
 def _tsv(columns, rows) -> str:
