@@ -114,6 +114,7 @@ def collect_segmentations(output_dir: Path, records: list[dict]) -> tuple[dict[s
         for seg, qc in qcs.items():
             protocol = "aseg" if seg == WHOLEBRAIN_SEG else qc.get("LabelProtocol")
             structures = ((qc.get("Protocols") or {}).get(protocol) or {}).get("Structures") or []
+            geometry = qc.get("InputResolution") or {}
             qc_rows.setdefault(seg, []).append(dict(
                 base, qc_flag=qc.get("QCFlag"), mean_cv_percent=qc.get("MeanCVPercent"),
                 qc_threshold_percent=qc.get("QCThresholdPercent"),
@@ -122,8 +123,7 @@ def collect_segmentations(output_dir: Path, records: list[dict]) -> tuple[dict[s
                 label_protocol=qc.get("LabelProtocol"),
                 models="+".join(str(m.get("Name")) for m in qc.get("Models", [])),
                 mc_samples=qc.get("MCSamples"), seed=qc.get("Seed"), seg_mean_cv_percent=qc.get("MeanCVPercent"),
-                input_flag=(qc.get("InputResolution") or {}).get("Flag"),
-                input_thickest_mm=(qc.get("InputResolution") or {}).get("ThickestMM")))
+                input_flag=geometry.get("Flag"), input_thickest_mm=geometry.get("ThickestMM")))
     return volumes, qc_rows
 
 
