@@ -14,7 +14,14 @@ paper, ``nn.Dropout`` or ``nn.Dropout3d``) follows every encoder block (its outp
 the skip and the pooling) and every decoder block, but not the bottleneck. A 1x1x1 convolution
 produces the class logits.
 
-For MC sampling the deterministic prefix is the first encoder block (before its dropout).
+With ``input_skip=True`` the input itself is concatenated once more, to the last (full-resolution)
+decoder block, as DPN feeds its input to every scale: channels such as an atlas prior then reach
+the classifier through two convolutions instead of being squeezed into the ``F`` maps of the first
+block. Without it a narrow U-Net (``F = 8``) given 13 prior channels plateaued far below DPN in
+training (lobule Dice 0.47 vs 0.81 after 350 iterations).
+
+For MC sampling the deterministic prefix is the first encoder block (before its dropout), with the
+input when ``input_skip`` is on.
 """
 
 from __future__ import annotations
@@ -57,6 +64,8 @@ class UNet3D(SegmentationNet):
         depth: number of 2x max-pool down-samplings (``D``); paper 4, i.e. 5 resolution levels.
         dropout: rate of the dropout layers after each encoder and decoder block; paper 0.2.
         spatial_dropout: drop whole channels (``nn.Dropout3d``) instead of single activations.
+        input_skip: concatenate the input to the last decoder block too (the DPN way of keeping
+            prior channels close to the classifier); not in Zopes et al.
     """
 
     def __init__(
@@ -67,8 +76,9 @@ class UNet3D(SegmentationNet):
         depth: int = 4,
         dropout: float = 0.2,
         spatial_dropout: bool = False,
+        input_skip: bool = False,
     ):
-        super().__init__(
+        config: dict[str, Any] = dict(
             in_channels=in_channels,
             n_classes=n_classes,
             base_filters=base_filters,
@@ -76,11 +86,15 @@ class UNet3D(SegmentationNet):
             dropout=dropout,
             spatial_dropout=spatial_dropout,
         )
+        if input_skip:  # only when on, so the manifests of networks without it keep their config
+            config["input_skip"] = True
+        super().__init__(**config)
         if min(in_channels, n_classes, base_filters, depth) < 1:
             raise ValueError("in_channels, n_classes, base_filters and depth must be positive")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.in_channels = in_channels
+        self.input_skip = bool(input_skip)
         self.depth = depth
         self.size_divisor = 2**depth
         widths = [base_filters * 2**i for i in range(depth + 1)]
@@ -95,7 +109,10 @@ class UNet3D(SegmentationNet):
         self.upsamplers = nn.ModuleList(
             nn.ConvTranspose3d(widths[i + 1], widths[i], kernel_size=2, stride=2) for i in range(depth)
         )
-        self.decoders = nn.ModuleList(_double_conv_bn(2 * widths[i], widths[i]) for i in range(depth))
+        extra = in_channels if self.input_skip else 0
+        self.decoders = nn.ModuleList(
+            _double_conv_bn(2 * widths[i] + (extra if i == 0 else 0), widths[i]) for i in range(depth)
+        )
         self.decoder_dropouts = nn.ModuleList(_dropout(dropout, spatial_dropout) for _ in range(depth))
         self.head = nn.Conv3d(widths[0], n_classes, kernel_size=1)
         log.debug("UNet3D(%s): %d parameters", self.config, self.n_parameters())
@@ -112,11 +129,13 @@ class UNet3D(SegmentationNet):
         kwargs.setdefault("depth", 3)
         return cls(in_channels=in_channels, n_classes=n_classes, **kwargs)
 
-    def _prefix(self, x: torch.Tensor) -> torch.Tensor:
+    def _prefix(self, x: torch.Tensor) -> Any:
         self.check_input(x)
-        return self.encoders[0](x)
+        first = self.encoders[0](x)
+        return (first, x) if self.input_skip else first
 
-    def _suffix(self, first: torch.Tensor) -> torch.Tensor:
+    def _suffix(self, state: Any) -> torch.Tensor:
+        first, x = state if self.input_skip else (state, None)
         skips: list[torch.Tensor] = []
         h = first
         for i in range(self.depth):
@@ -126,13 +145,16 @@ class UNet3D(SegmentationNet):
             skips.append(h)
         h = self.bottleneck(self.pool(h))
         for i in reversed(range(self.depth)):
-            h = torch.cat([skips[i], self.upsamplers[i](h)], dim=1)
-            h = self.decoder_dropouts[i](self.decoders[i](h))
+            parts = [skips[i], self.upsamplers[i](h)]
+            if i == 0 and x is not None:
+                parts.append(x)
+            h = self.decoder_dropouts[i](self.decoders[i](torch.cat(parts, dim=1)))
         return self.head(h)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._suffix(self._prefix(x))
 
     def split_for_mc(self) -> tuple[Callable[[torch.Tensor], Any], Callable[[Any], torch.Tensor]]:
-        """Prefix: the first encoder block, before its dropout (a tensor ``(N, F, D, H, W)``)."""
+        """Prefix: the first encoder block, before its dropout (a tensor ``(N, F, D, H, W)``; with
+        ``input_skip`` the pair of it and the input)."""
         return self._prefix, self._suffix

@@ -19,10 +19,11 @@ from bids_app.models.unet import UNet3D
 
 N_CLASSES = 3
 
-#: registry name -> (class, tiny constructor kwargs)
+#: registry name (a "-variant" suffix for other constructor arguments) -> (class, tiny constructor kwargs)
 TINY = {
     "cerebrum": (Cerebrum, dict(base_filters=4)),
     "unet": (UNet3D, dict(base_filters=4, depth=4)),
+    "unet-inputskip": (UNet3D, dict(base_filters=4, depth=4, input_skip=True)),
     "dpn": (DPN, dict(base_filters=4)),
 }
 
@@ -78,7 +79,7 @@ def test_forward_shape(name, in_channels):
     assert net.kind == "dense"
 
 
-@pytest.mark.parametrize("name, divisor", [("cerebrum", 8), ("unet", 16), ("dpn", 8)])
+@pytest.mark.parametrize("name, divisor", [("cerebrum", 8), ("unet", 16), ("unet-inputskip", 16), ("dpn", 8)])
 def test_size_divisor(name, divisor):
     """Multiples of size_divisor (also anisotropic, not powers of two) work; others raise."""
     net = tiny(name).eval()
@@ -151,8 +152,27 @@ def test_rebuild_from_config(name):
 @names
 def test_registry_builds(name):
     cls, kwargs = TINY[name]
-    net = registry.build(name, in_channels=1, n_classes=N_CLASSES, **kwargs)
-    assert type(net) is cls and registry.architecture_class(name) is cls
+    arch = name.split("-")[0]
+    net = registry.build(arch, in_channels=1, n_classes=N_CLASSES, **kwargs)
+    assert type(net) is cls and registry.architecture_class(arch) is cls
+
+
+def test_unet_input_skip_reaches_the_last_decoder():
+    """The input is concatenated to the full-resolution decoder block only; the default U-Net's
+    config (and so every manifest written before the option existed) does not name it."""
+    plain, skip = tiny("unet", in_channels=3), tiny("unet-inputskip", in_channels=3)
+    assert "input_skip" not in plain.config and skip.config["input_skip"] is True
+    assert plain.decoders[0][0].in_channels == 2 * 4
+    assert skip.decoders[0][0].in_channels == 2 * 4 + 3
+    assert [d[0].in_channels for d in skip.decoders[1:]] == [d[0].in_channels for d in plain.decoders[1:]]
+    # the input's gradient reaches it through the skip: zero the first encoder block and the
+    # output still depends on the input
+    with torch.no_grad():
+        for p in skip.encoders[0].parameters():
+            p.zero_()
+    x = volume(3).requires_grad_(True)
+    skip.eval()(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
 
 
 def test_models_package_does_not_import_torch():
