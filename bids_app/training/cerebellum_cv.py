@@ -14,6 +14,9 @@ copy) this scores, on the MNI cerebellum crop:
 * the MC-dropout QC study: every cascade run's mean and per-structure volume CVs (``lobules`` and
   ``hemispheres``) beside its lobule Dice, clean and corrupted, in ``cv_raw.json``, from which
   ``arborseg-train calibrate-qc --method NAME`` derives the cascade's QC thresholds.
+
+``python -m bids_app.training.cerebellum_cv merge FOLD_DIR ... --out DIR`` gathers the folds' results
+(disjoint test subjects) into one ``subjects.tsv`` and a ``summary.json`` over all their subjects.
 """
 
 from __future__ import annotations
@@ -191,14 +194,13 @@ def _qc_row(result, subject: str, method: str, condition: str, dice: float) -> d
 
 def _write(out_dir: Path, rows: list[dict], timing: dict, test_subjects: list[str], qc: list[dict] | None = None,
            mc_samples: int | None = None) -> dict:
-    keys = ["lobule_dice_mean", "cerebellum_dice", "cortex_dice", "wm_dice", "vermis_dice_mean"]
+    keys = list(SCORE_KEYS)
     methods = sorted({r["method"] for r in rows}, key=lambda m: [r["method"] for r in rows].index(m))
     summary = {"test_subjects": test_subjects, "labels": "lobules: silver (library); cerebellum/cortex/WM and "
                "vermis groups: manual", "methods": {}}
     for m in methods:
         sel = [r for r in rows if r["method"] == m]
-        summary["methods"][m] = {k: {"mean": float(np.nanmean([r[k] for r in sel])),
-                                     "std": float(np.nanstd([r[k] for r in sel]))} for k in keys}
+        summary["methods"][m] = {k: _mean_std([r[k] for r in sel]) for k in keys}
         summary["methods"][m]["n"] = len(sel)
         summary["methods"][m]["seconds_mean"] = float(np.mean(timing[m]))
         per = {}
@@ -218,9 +220,106 @@ def _write(out_dir: Path, rows: list[dict], timing: dict, test_subjects: list[st
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
+SCORE_KEYS = ("lobule_dice_mean", "cerebellum_dice", "cortex_dice", "wm_dice", "vermis_dice_mean")
+
+
+def _read_rows(folder: Path) -> list[dict]:
+    lines = (folder / "subjects.tsv").read_text(encoding="utf-8").splitlines()
+    header = lines[0].split("\t")
+    rows = []
+    for line in lines[1:]:
+        row = dict(zip(header, line.split("\t")))
+        for key in (*SCORE_KEYS, "mean_cv_percent", "seconds"):
+            value = row.get(key, "n/a")
+            row[key] = float("nan") if value in ("n/a", "nan", "") else float(value)
+        rows.append(row)
+    return rows
+
+
+def _mean_std(values: list[float]) -> dict:
+    """Mean and SD ignoring NaN (both NaN, without a warning, when every value is NaN)."""
+    values = np.asarray(values, dtype=float)
+    if np.isnan(values).all():
+        return {"mean": float("nan"), "std": float("nan")}
+    return {"mean": float(np.nanmean(values)), "std": float(np.nanstd(values))}
+
+
+def merge_cerebellum_cv(fold_dirs: list[Path], out_dir: Path) -> dict:
+    """One ``subjects.tsv`` and ``summary.json`` over the folds' test subjects (which must not overlap).
+
+    Methods missing from a fold are left out and listed under ``methods_not_in_every_fold``. Means and
+    standard deviations are over subjects; per-structure Dice is the folds' per-structure means weighted
+    by their number of subjects; ``per_fold`` keeps each fold's mean lobule Dice.
+    """
+    fold_dirs = [Path(d) for d in fold_dirs]
+    summaries, rows_of = {}, {}
+    for d in fold_dirs:
+        for name in ("summary.json", "subjects.tsv"):
+            if not (d / name).is_file():
+                raise FileNotFoundError(f"{d / name}: not a cerebellum CV folder (no {name})")
+        summaries[d] = json.loads((d / "summary.json").read_text(encoding="utf-8"))
+        rows_of[d] = _read_rows(d)
+    seen: dict[str, Path] = {}
+    for d, summary in summaries.items():
+        for subject in summary["test_subjects"]:
+            if subject in seen:
+                raise ValueError(f"subject {subject} is a test subject of both {seen[subject]} and {d}")
+            seen[subject] = d
+    every = [m for m in summaries[fold_dirs[0]]["methods"] if all(m in s["methods"] for s in summaries.values())]
+    others = sorted({m for s in summaries.values() for m in s["methods"]} - set(every))
+    merged = {"folds": [str(d) for d in fold_dirs], "test_subjects": list(seen),
+              "labels": summaries[fold_dirs[0]]["labels"], "methods": {}, "methods_not_in_every_fold": others}
+    rows = [r for d in fold_dirs for r in rows_of[d] if r["method"] in every]
+    for m in every:
+        sel = [r for r in rows if r["method"] == m]
+        entry: dict = {k: _mean_std([r[k] for r in sel]) for k in SCORE_KEYS}
+        entry["n"] = len(sel)
+        entry["seconds_mean"] = float(np.mean([r["seconds"] for r in sel]))
+        weights = {d: summaries[d]["methods"][m]["n"] for d in fold_dirs}
+        total = sum(weights.values())
+        names = summaries[fold_dirs[0]]["methods"][m]["per_structure_dice"]
+        entry["per_structure_dice"] = {
+            name: float(sum(weights[d] * summaries[d]["methods"][m]["per_structure_dice"][name] for d in fold_dirs)
+                        / total) for name in names}
+        entry["per_fold"] = {str(d): summaries[d]["methods"][m]["lobule_dice_mean"]["mean"] for d in fold_dirs}
+        merged["methods"][m] = entry
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cols = ["subject", "method", *SCORE_KEYS, "mean_cv_percent", "seconds"]
+    lines = ["\t".join(cols)] + ["\t".join(
+        ("n/a" if isinstance(r[c], float) and np.isnan(r[c]) else f"{r[c]:.4f}") if isinstance(r[c], float)
+        else str(r[c]) for c in cols) for r in rows]
+    with atomic_output(out_dir / "subjects.tsv") as tmp:
+        Path(tmp).write_text("\n".join(lines) + "\n")
+    with atomic_output(out_dir / "summary.json") as tmp:
+        Path(tmp).write_text(json.dumps(merged, indent=1) + "\n")
+    return merged
+
+
+def _merge_main(argv: list[str]) -> int:
     import argparse
 
+    parser = argparse.ArgumentParser(prog="python -m bids_app.training.cerebellum_cv merge",
+                                     description="Gather the cerebellum CV results of several folds.")
+    parser.add_argument("folds", nargs="+", type=Path, help="the --out folders of the folds' runs")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    try:
+        summary = merge_cerebellum_cv(args.folds, args.out)
+    except (OSError, ValueError) as exc:
+        parser.exit(2, f"error: {exc}\n")
+    for m, v in summary["methods"].items():
+        print(m, f"n={v['n']}", " ".join(f"{k}={v[k]['mean']:.3f}±{v[k]['std']:.3f}" for k in SCORE_KEYS))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["merge"]:
+        return _merge_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m bids_app.training.cerebellum_cv", description=__doc__)
     parser.add_argument("--library", type=Path, required=True)
     parser.add_argument("--oasis", type=Path, required=True)
