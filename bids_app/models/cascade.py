@@ -99,6 +99,9 @@ POPULATION_PREFIX = "population:"
 PRIOR_KINDS = {PRIOR_PREFIX: "atlas", POPULATION_PREFIX: "population"}
 #: voxels by which net 1's cerebellum mask is dilated before it masks net 2's T1w
 MASK_DILATION = 2
+#: weight of the atlas prior's left / right / background probabilities in net 1's, when the lobule
+#: models take the subject-specific atlas prior (3-fold CV, README "The library path on all folds")
+HEMISPHERE_PRIOR_WEIGHT = 0.5
 
 
 # --------------------------------------------------------------------------- label maths (pure)
@@ -147,6 +150,19 @@ def combine(p1: np.ndarray, p2: np.ndarray, index: tuple[np.ndarray, np.ndarray]
         else:
             np.multiply(p1[s], p2[k], out=out[j])
     return out
+
+
+def mix_hemisphere_prior(p1: np.ndarray, prior: np.ndarray, weight: float) -> np.ndarray:
+    """``(1 - weight) p1 + weight P_prior(side)``: net 1's ``hemispheres`` probabilities averaged with the
+    atlas prior's (``prior`` in ``lobules`` order, background first; its classes summed per side)."""
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"the hemisphere prior weight must be in [0, 1], got {weight}")
+    sides = merge_probabilities(np.asarray(prior, np.float32), load_protocol(OUTPUT_PROTOCOL),
+                                load_protocol(HEMISPHERES_PROTOCOL), load_mapping(OUTPUT_PROTOCOL, HEMISPHERES_PROTOCOL))
+    if sides.shape != np.shape(p1):
+        raise ValueError(f"net 1 gives {np.shape(p1)}, the prior's hemispheres {sides.shape}: not the same grid")
+    w = np.float32(weight)
+    return ((1 - w) * np.asarray(p1, np.float32) + w * sides.astype(np.float32)).astype(np.float32)
 
 
 def fold_prior(prior: np.ndarray, source: str = OUTPUT_PROTOCOL, target: str = LOBULES13_PROTOCOL) -> np.ndarray:
@@ -381,6 +397,8 @@ class CascadeResult:
     structure_thresholds: np.ndarray | None = None
     #: the ``qc_calibration`` of this cascade's members (None: the modality default)
     qc_calibration: dict | None = None
+    #: weight of the atlas prior's hemispheres in net 1's probabilities (0: net 1 alone)
+    hemisphere_prior_weight: float = 0.0
 
     def class_thresholds(self) -> np.ndarray:
         """Per class QC threshold (percent): the calibrated one, else :attr:`qc_threshold`."""
@@ -498,6 +516,7 @@ def segment_cerebellum(
     modality: str = "T1w",
     image_voxel_mm: float | Sequence[float] = 1.0,
     threshold: float | None = None,
+    hemisphere_prior_weight: float | None = None,
 ) -> CascadeResult:
     """Cerebellar lobules of a normalised ``(X, Y, Z)`` crop; see the module docstring.
 
@@ -509,6 +528,10 @@ def segment_cerebellum(
             when a lobule model takes prior channels, ignored otherwise.
         mc_samples, seed: MC-dropout samples of each stage and the seed of every dropout mask.
         image_voxel_mm: voxel size of the crop.
+        hemisphere_prior_weight: when the lobule models take the atlas prior, every net-1 sample is
+            averaged with the prior's left / right / background probabilities with this weight
+            (:func:`mix_hemisphere_prior`); None: :data:`HEMISPHERE_PRIOR_WEIGHT`, 0: net 1 alone.
+            The population prior, the same for every subject, is never mixed in.
     """
     from .mcdropout import mean_cv, predictive_entropy, qc_flag, qc_threshold, volume_statistics
     from .segment import _load_members, _voxel_triplet
@@ -546,6 +569,13 @@ def segment_cerebellum(
         if prior.shape[1:] != shape:
             raise ValueError(f"the prior's grid {prior.shape[1:]} differs from the crop's {shape}")
         prior13 = fold_prior(prior)
+    atlas_models = any(prior_kind(m, f"lobule model {m.get('name')!r}") == "atlas" for _, m in lobes)
+    hemisphere_weight = 0.0
+    if atlas_models and prior is not None:
+        hemisphere_weight = HEMISPHERE_PRIOR_WEIGHT if hemisphere_prior_weight is None \
+            else float(hemisphere_prior_weight)
+        if not 0.0 <= hemisphere_weight <= 1.0:
+            raise ValueError(f"the hemisphere prior weight must be in [0, 1], got {hemisphere_weight}")
     t_loaded = time.perf_counter()
     kwargs = {"device": device, "num_threads": num_threads, "modality": modality}
     timings = {"load_s": t_loaded - t_start}
@@ -567,6 +597,11 @@ def segment_cerebellum(
             p1_samples.append(sample)
             progress.step()
     p1 /= np.float32(mc_samples)
+    if hemisphere_weight > 0:
+        p1 = mix_hemisphere_prior(p1, prior, hemisphere_weight)
+        p1_samples = [mix_hemisphere_prior(q, prior, hemisphere_weight) for q in p1_samples]
+        log.info("cerebellum cascade: net 1's hemispheres averaged with the atlas prior's (weight %.2f)",
+                 hemisphere_weight)
     for group in groups1:
         group.x = None
     t1 = time.perf_counter()
@@ -629,7 +664,7 @@ def segment_cerebellum(
         qc_flag=flag, qc_threshold=limit, n_samples=int(mc_samples), seed=int(seed), modality=modality,
         voxel_size_mm=image_vox, prior_used=prior_used, hemisphere_manifests=[m for _, m in hemis],
         lobule_manifests=[m for _, m in lobes], timings=timings, structure_thresholds=per_class,
-        qc_calibration=calibration,
+        qc_calibration=calibration, hemisphere_prior_weight=hemisphere_weight,
     )
 
 
@@ -776,6 +811,8 @@ def cerebellum_files(crop_t1w: str, source_file: str, inverse_transform: str, he
     kind = (details or {}).get("kind", "atlas") if result.prior_used else None
     atlas: dict[str, Any] = {"used": bool(result.prior_used), "kind": kind,
                              "reason": "" if kind == "atlas" else (prior_reason or "no atlas prior given")}
+    if kind == "atlas":  # net 1's sides averaged with the prior's, with this weight
+        atlas["hemisphere_prior_weight"] = float(result.hemisphere_prior_weight)
     if details is not None:
         atlas["details"] = details
     qc = {

@@ -88,8 +88,11 @@ def run_cerebellum_cv(library_dir: Path, oasis_dir: Path, template: Path, out_di
                       test_subjects: list[str], hemisphere: list[str], lobules: dict[str, list[str]],
                       mc_samples: int = 5, atlas_n: int | None = None, degrade_kinds=DEGRADATIONS,
                       threads: int = 2, population_prior: Path | None = None,
-                      robust: list[str] | None = None) -> dict:
+                      robust: list[str] | None = None, hemisphere_prior_weight: float | None = None) -> dict:
     """Score every method on the test subjects; writes ``subjects.tsv`` and ``summary.json``.
+
+    ``hemisphere_prior_weight`` goes to :func:`bids_app.models.cascade.segment_cerebellum` (None: the
+    pipeline's default).
 
     Each set of lobule models gets the prior its channels ask for: the leave-subject-out atlas prior
     (``atlas_n``), the population prior file (``population_prior``, built without the test subjects) or none.
@@ -163,6 +166,7 @@ def run_cerebellum_cv(library_dir: Path, oasis_dir: Path, template: Path, out_di
         for method, models in lobules.items():
             t0 = time.perf_counter()
             res = segment_cerebellum(crop, hemisphere, models, prior=priors[kinds[method]], mc_samples=mc_samples,
+                                     hemisphere_prior_weight=hemisphere_prior_weight,
                                      num_threads=threads)
             add(method, res.labels, time.perf_counter() - t0, mean_cv_percent=round(float(res.mean_cv_percent), 2),
                 prior=kinds[method] or "none")
@@ -171,12 +175,13 @@ def run_cerebellum_cv(library_dir: Path, oasis_dir: Path, template: Path, out_di
             for kind in degrade_kinds:
                 t0 = time.perf_counter()
                 res = segment_cerebellum(degrade_crop(crop, kind, seed=i), hemisphere, lobules[ens],
+                                         hemisphere_prior_weight=hemisphere_prior_weight,
                                          prior=priors[kinds[ens]], mc_samples=mc_samples, num_threads=threads)
                 add(f"{ens}+{kind}", res.labels, time.perf_counter() - t0,
                     mean_cv_percent=round(float(res.mean_cv_percent), 2))
                 qc.append(_qc_row(res, case["subject"], ens, kind, rows[-1]["lobule_dice_mean"]))
-        _write(out_dir, rows, timing, test_subjects, qc, mc_samples)
-    return _write(out_dir, rows, timing, test_subjects, qc, mc_samples)
+        _write(out_dir, rows, timing, test_subjects, qc, mc_samples, hemisphere_prior_weight)
+    return _write(out_dir, rows, timing, test_subjects, qc, mc_samples, hemisphere_prior_weight)
 
 
 def _qc_row(result, subject: str, method: str, condition: str, dice: float) -> dict:
@@ -193,11 +198,16 @@ def _qc_row(result, subject: str, method: str, condition: str, dice: float) -> d
 
 
 def _write(out_dir: Path, rows: list[dict], timing: dict, test_subjects: list[str], qc: list[dict] | None = None,
-           mc_samples: int | None = None) -> dict:
+           mc_samples: int | None = None, hemisphere_prior_weight: float | None = None) -> dict:
     keys = list(SCORE_KEYS)
     methods = sorted({r["method"] for r in rows}, key=lambda m: [r["method"] for r in rows].index(m))
     summary = {"test_subjects": test_subjects, "labels": "lobules: silver (library); cerebellum/cortex/WM and "
                "vermis groups: manual", "methods": {}}
+    if qc is not None:  # a CV run (not a merge): the cascade's settings
+        from bids_app.models.cascade import HEMISPHERE_PRIOR_WEIGHT
+
+        summary["hemisphere_prior_weight"] = (HEMISPHERE_PRIOR_WEIGHT if hemisphere_prior_weight is None
+                                              else float(hemisphere_prior_weight))
     for m in methods:
         sel = [r for r in rows if r["method"] == m]
         summary["methods"][m] = {k: _mean_std([r[k] for r in sel]) for k in keys}
@@ -339,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
                              "subjects) for lobule models with population: channels")
     parser.add_argument("--robust", nargs="+", help="the lobule sets the corruptions run with (default: ensemble, "
                                                     "else the first)")
+    parser.add_argument("--hemisphere-prior-weight", type=float,
+                        help="weight of the atlas prior's hemispheres in net 1's (default: the pipeline's, "
+                             "bids_app.models.cascade.HEMISPHERE_PRIOR_WEIGHT; 0: net 1 alone)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     lobules = {}
@@ -349,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = run_cerebellum_cv(args.library, args.oasis, args.template, args.out, test_subjects=args.test_subjects,
                                 hemisphere=args.hemisphere, lobules=lobules, mc_samples=args.mc_samples,
                                 atlas_n=args.atlas_n or None, degrade_kinds=args.degrade, threads=args.threads,
-                                population_prior=args.population_prior, robust=args.robust)
+                                population_prior=args.population_prior, robust=args.robust,
+                                hemisphere_prior_weight=args.hemisphere_prior_weight)
     for m, v in summary["methods"].items():
         print(m, " ".join(f"{k}={v[k]['mean']:.3f}±{v[k]['std']:.3f}" for k in v if isinstance(v[k], dict)
                           and "mean" in v[k]))

@@ -310,7 +310,9 @@ def test_cascade_combines_side_and_lobule_and_masks_net2():
     prior = np.zeros((27,) + shape, np.float32)
     prior[LOBULES.position(102)] = 1.0  # right III everywhere
     result = segment_cerebellum(crop, [(net1, _manifest(HEMI, [{"name": "T1w"}]))],
-                                [(net2, _manifest(L13, prior_channels()))], prior=prior, mc_samples=2, device="cpu")
+                                [(net2, _manifest(L13, prior_channels()))], prior=prior, mc_samples=2, device="cpu",
+                                hemisphere_prior_weight=0.0)  # net 1 alone: its sides are the test's
+    assert result.hemisphere_prior_weight == 0.0
     expected = np.where(np.arange(10) < 6, 0, 100)[:, None, None] + lobule(shape)
     expected[:3] = 0
     np.testing.assert_array_equal(result.labels, expected)
@@ -320,6 +322,45 @@ def test_cascade_combines_side_and_lobule_and_masks_net2():
     assert seen[0, 0].max() == 0 and seen[0, 1:].min() == 1
     np.testing.assert_array_equal(seen[1 + 1], 1.0)  # folded prior: lobule III (class 2 -> channel 1 + 1)
     assert seen[1:].sum() == np.prod(shape)
+
+
+def test_atlas_prior_hemispheres_are_averaged_into_net1():
+    """With atlas-prior lobule models, net 1's probabilities are averaged with the prior's sides (the default
+    weight, another one, or none); the population prior, the same for everyone, is never mixed in."""
+    from bids_app.models.cascade import HEMISPHERE_PRIOR_WEIGHT, mix_hemisphere_prior
+
+    shape = (10, 6, 6)
+    crop = np.ones(shape, np.float32)
+    prior = np.zeros((27,) + shape, np.float32)
+    prior[LOBULES.position(102)] = 1.0  # right III everywhere
+    prior[LOBULES.position(0), :2] = 1.0
+    prior[LOBULES.position(102), :2] = 0.0  # background at x < 2
+
+    def run(weight, prefix="prior:"):
+        net1 = _Fixed(3, lambda s: np.where(np.arange(s[0]) < 6, 1, 2)[:, None, None] * np.ones(s, int))
+        net2 = _Fixed(14, lambda s: np.full(s, 2))
+        return segment_cerebellum(crop, [(net1, _manifest(HEMI, [{"name": "T1w"}]))],
+                                  [(net2, _manifest(L13, prior_channels(prefix=prefix)))], prior=prior, mc_samples=2,
+                                  device="cpu", hemisphere_prior_weight=weight)
+
+    alone, default, full = run(0.0), run(None), run(1.0)
+    assert HEMISPHERE_PRIOR_WEIGHT == 0.5 and default.hemisphere_prior_weight == 0.5
+    sides = np.zeros((3,) + shape, np.float32)
+    sides[0, :2] = 1.0
+    sides[2, 2:] = 1.0
+    np.testing.assert_allclose(default.hemisphere_probabilities, 0.5 * alone.hemisphere_probabilities + 0.5 * sides,
+                               atol=1e-6)
+    np.testing.assert_allclose(full.hemisphere_probabilities, sides, atol=1e-6)
+    np.testing.assert_allclose(mix_hemisphere_prior(alone.hemisphere_probabilities, prior, 0.5),
+                               default.hemisphere_probabilities, atol=1e-6)
+    # net 1 says left for x < 6; the prior says right: alone left, fully the prior's right, half-half: net 1's
+    # 0.93 left vs the prior's 1.0 right -> right
+    assert (alone.labels[2:6] == 2).all() and (full.labels[2:6] == 102).all() and (full.labels[:2] == 0).all()
+    population = run(None, prefix="population:")
+    assert population.hemisphere_prior_weight == 0.0
+    np.testing.assert_allclose(population.hemisphere_probabilities, alone.hemisphere_probabilities, atol=1e-6)
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        run(1.5)
 
 
 def test_stage_mismatches_are_model_errors():
