@@ -152,17 +152,23 @@ def combine(p1: np.ndarray, p2: np.ndarray, index: tuple[np.ndarray, np.ndarray]
     return out
 
 
-def mix_hemisphere_prior(p1: np.ndarray, prior: np.ndarray, weight: float) -> np.ndarray:
-    """``(1 - weight) p1 + weight P_prior(side)``: net 1's ``hemispheres`` probabilities averaged with the
-    atlas prior's (``prior`` in ``lobules`` order, background first; its classes summed per side)."""
+def prior_hemispheres(prior: np.ndarray) -> np.ndarray:
+    """The atlas prior ``(27, ...)`` (``lobules`` order, background first) summed per side: ``(3, ...)`` in the
+    ``hemispheres`` order (background, left, right), float32."""
+    return merge_probabilities(np.asarray(prior, np.float32), load_protocol(OUTPUT_PROTOCOL),
+                               load_protocol(HEMISPHERES_PROTOCOL),
+                               load_mapping(OUTPUT_PROTOCOL, HEMISPHERES_PROTOCOL)).astype(np.float32)
+
+
+def mix_hemisphere_prior(p1: np.ndarray, sides: np.ndarray, weight: float) -> np.ndarray:
+    """``(1 - weight) p1 + weight sides``: net 1's ``hemispheres`` probabilities averaged with the prior's
+    (:func:`prior_hemispheres`)."""
     if not 0.0 <= weight <= 1.0:
         raise ValueError(f"the hemisphere prior weight must be in [0, 1], got {weight}")
-    sides = merge_probabilities(np.asarray(prior, np.float32), load_protocol(OUTPUT_PROTOCOL),
-                                load_protocol(HEMISPHERES_PROTOCOL), load_mapping(OUTPUT_PROTOCOL, HEMISPHERES_PROTOCOL))
-    if sides.shape != np.shape(p1):
-        raise ValueError(f"net 1 gives {np.shape(p1)}, the prior's hemispheres {sides.shape}: not the same grid")
+    if np.shape(sides) != np.shape(p1):
+        raise ValueError(f"net 1 gives {np.shape(p1)}, the prior's hemispheres {np.shape(sides)}: not the same grid")
     w = np.float32(weight)
-    return ((1 - w) * np.asarray(p1, np.float32) + w * sides.astype(np.float32)).astype(np.float32)
+    return ((1 - w) * np.asarray(p1, np.float32) + w * np.asarray(sides, np.float32)).astype(np.float32)
 
 
 def fold_prior(prior: np.ndarray, source: str = OUTPUT_PROTOCOL, target: str = LOBULES13_PROTOCOL) -> np.ndarray:
@@ -598,8 +604,10 @@ def segment_cerebellum(
             progress.step()
     p1 /= np.float32(mc_samples)
     if hemisphere_weight > 0:
-        p1 = mix_hemisphere_prior(p1, prior, hemisphere_weight)
-        p1_samples = [mix_hemisphere_prior(q, prior, hemisphere_weight) for q in p1_samples]
+        sides = prior_hemispheres(prior)  # once: the prior is the same for every sample
+        p1 = mix_hemisphere_prior(p1, sides, hemisphere_weight)
+        p1_samples = [mix_hemisphere_prior(q, sides, hemisphere_weight) for q in p1_samples]
+        del sides
         log.info("cerebellum cascade: net 1's hemispheres averaged with the atlas prior's (weight %.2f)",
                  hemisphere_weight)
     for group in groups1:

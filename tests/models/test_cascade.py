@@ -327,7 +327,7 @@ def test_cascade_combines_side_and_lobule_and_masks_net2():
 def test_atlas_prior_hemispheres_are_averaged_into_net1():
     """With atlas-prior lobule models, net 1's probabilities are averaged with the prior's sides (the default
     weight, another one, or none); the population prior, the same for everyone, is never mixed in."""
-    from bids_app.models.cascade import HEMISPHERE_PRIOR_WEIGHT, mix_hemisphere_prior
+    from bids_app.models.cascade import HEMISPHERE_PRIOR_WEIGHT, mix_hemisphere_prior, prior_hemispheres
 
     shape = (10, 6, 6)
     crop = np.ones(shape, np.float32)
@@ -351,7 +351,8 @@ def test_atlas_prior_hemispheres_are_averaged_into_net1():
     np.testing.assert_allclose(default.hemisphere_probabilities, 0.5 * alone.hemisphere_probabilities + 0.5 * sides,
                                atol=1e-6)
     np.testing.assert_allclose(full.hemisphere_probabilities, sides, atol=1e-6)
-    np.testing.assert_allclose(mix_hemisphere_prior(alone.hemisphere_probabilities, prior, 0.5),
+    np.testing.assert_allclose(prior_hemispheres(prior), sides)
+    np.testing.assert_allclose(mix_hemisphere_prior(alone.hemisphere_probabilities, sides, 0.5),
                                default.hemisphere_probabilities, atol=1e-6)
     # net 1 says left for x < 6; the prior says right: alone left, fully the prior's right, half-half: net 1's
     # 0.93 left vs the prior's 1.0 right -> right
