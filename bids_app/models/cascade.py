@@ -160,11 +160,16 @@ def prior_hemispheres(prior: np.ndarray) -> np.ndarray:
                                load_mapping(OUTPUT_PROTOCOL, HEMISPHERES_PROTOCOL)).astype(np.float32)
 
 
+def _check_hemisphere_weight(weight: float) -> float:
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"the hemisphere prior weight must be in [0, 1], got {weight}")
+    return float(weight)
+
+
 def mix_hemisphere_prior(p1: np.ndarray, sides: np.ndarray, weight: float) -> np.ndarray:
     """``(1 - weight) p1 + weight sides``: net 1's ``hemispheres`` probabilities averaged with the prior's
     (:func:`prior_hemispheres`)."""
-    if not 0.0 <= weight <= 1.0:
-        raise ValueError(f"the hemisphere prior weight must be in [0, 1], got {weight}")
+    _check_hemisphere_weight(weight)
     if np.shape(sides) != np.shape(p1):
         raise ValueError(f"net 1 gives {np.shape(p1)}, the prior's hemispheres {np.shape(sides)}: not the same grid")
     w = np.float32(weight)
@@ -578,10 +583,8 @@ def segment_cerebellum(
     atlas_models = any(prior_kind(m, f"lobule model {m.get('name')!r}") == "atlas" for _, m in lobes)
     hemisphere_weight = 0.0
     if atlas_models and prior is not None:
-        hemisphere_weight = HEMISPHERE_PRIOR_WEIGHT if hemisphere_prior_weight is None \
-            else float(hemisphere_prior_weight)
-        if not 0.0 <= hemisphere_weight <= 1.0:
-            raise ValueError(f"the hemisphere prior weight must be in [0, 1], got {hemisphere_weight}")
+        hemisphere_weight = _check_hemisphere_weight(  # before any work
+            HEMISPHERE_PRIOR_WEIGHT if hemisphere_prior_weight is None else float(hemisphere_prior_weight))
     t_loaded = time.perf_counter()
     kwargs = {"device": device, "num_threads": num_threads, "modality": modality}
     timings = {"load_s": t_loaded - t_start}

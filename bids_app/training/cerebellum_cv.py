@@ -197,6 +197,22 @@ def _qc_row(result, subject: str, method: str, condition: str, dice: float) -> d
                                                     "cv_percent": [float(c) for c in hemi_cv]}}}
 
 
+SCORE_KEYS = ("lobule_dice_mean", "cerebellum_dice", "cortex_dice", "wm_dice", "vermis_dice_mean")
+SUBJECT_COLUMNS = ("subject", "method", *SCORE_KEYS, "mean_cv_percent", "seconds")
+
+
+def _write_subjects_tsv(out_dir: Path, rows: list[dict]) -> None:
+    """``subjects.tsv``: one row per subject and method; numbers to 4 decimals, NaN or missing as ``n/a``."""
+    def cell(value) -> str:
+        if value is None or (isinstance(value, float) and np.isnan(value)):
+            return "n/a"
+        return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+    lines = ["\t".join(SUBJECT_COLUMNS)] + ["\t".join(cell(r.get(c)) for c in SUBJECT_COLUMNS) for r in rows]
+    with atomic_output(Path(out_dir) / "subjects.tsv") as tmp:
+        Path(tmp).write_text("\n".join(lines) + "\n")
+
+
 def _write(out_dir: Path, rows: list[dict], timing: dict, test_subjects: list[str], qc: list[dict] | None = None,
            mc_samples: int | None = None, hemisphere_prior_weight: float | None = None) -> dict:
     keys = list(SCORE_KEYS)
@@ -217,11 +233,7 @@ def _write(out_dir: Path, rows: list[dict], timing: dict, test_subjects: list[st
         for name in sel[0]["per_structure"]:
             per[name] = float(np.nanmean([r["per_structure"][name] for r in sel]))
         summary["methods"][m]["per_structure_dice"] = per
-    cols = ["subject", "method", *keys, "mean_cv_percent", "seconds"]
-    lines = ["\t".join(cols)] + ["\t".join(
-        (f"{r[c]:.4f}" if isinstance(r.get(c), float) else str(r.get(c, "n/a"))) for c in cols) for r in rows]
-    with atomic_output(out_dir / "subjects.tsv") as tmp:
-        Path(tmp).write_text("\n".join(lines) + "\n")
+    _write_subjects_tsv(out_dir, rows)
     with atomic_output(out_dir / "summary.json") as tmp:
         Path(tmp).write_text(json.dumps(summary, indent=1) + "\n")
     if qc:
@@ -230,16 +242,13 @@ def _write(out_dir: Path, rows: list[dict], timing: dict, test_subjects: list[st
     return summary
 
 
-SCORE_KEYS = ("lobule_dice_mean", "cerebellum_dice", "cortex_dice", "wm_dice", "vermis_dice_mean")
-
-
 def _read_rows(folder: Path) -> list[dict]:
     lines = (folder / "subjects.tsv").read_text(encoding="utf-8").splitlines()
     header = lines[0].split("\t")
     rows = []
     for line in lines[1:]:
         row = dict(zip(header, line.split("\t")))
-        for key in (*SCORE_KEYS, "mean_cv_percent", "seconds"):
+        for key in SUBJECT_COLUMNS[2:]:
             value = row.get(key, "n/a")
             row[key] = float("nan") if value in ("n/a", "nan", "") else float(value)
         rows.append(row)
@@ -295,12 +304,7 @@ def merge_cerebellum_cv(fold_dirs: list[Path], out_dir: Path) -> dict:
         merged["methods"][m] = entry
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cols = ["subject", "method", *SCORE_KEYS, "mean_cv_percent", "seconds"]
-    lines = ["\t".join(cols)] + ["\t".join(
-        ("n/a" if isinstance(r[c], float) and np.isnan(r[c]) else f"{r[c]:.4f}") if isinstance(r[c], float)
-        else str(r[c]) for c in cols) for r in rows]
-    with atomic_output(out_dir / "subjects.tsv") as tmp:
-        Path(tmp).write_text("\n".join(lines) + "\n")
+    _write_subjects_tsv(out_dir, rows)
     with atomic_output(out_dir / "summary.json") as tmp:
         Path(tmp).write_text(json.dumps(merged, indent=1) + "\n")
     return merged
