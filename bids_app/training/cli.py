@@ -3,6 +3,7 @@
     arborseg-train prepare OUT --oasis DIR [--mindboggle DIR] [--synthseg DIR] [--protocol dkt-aseg]
     arborseg-train fit CONFIG.toml --data DIR --run RUN_DIR [--fold K] [--device cpu] [--threads N]
                                    [--iterations N] [--stop-after N] [--no-resume]
+                                   [--time-budget SECONDS]
     arborseg-train folds CONFIG.toml --data DIR      # prints the test subjects of every fold
     arborseg-train export RUN_DIR/final STEM [--metrics METRICS.json] [--dtype float16] [--name NAME]
                           [--task TASK] [--model-version VERSION]
@@ -49,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--iterations", type=int, help="override the configured number of iterations")
     f.add_argument("--stop-after", type=int, help="checkpoint and stop after this many iterations")
     f.add_argument("--no-resume", action="store_true")
+    f.add_argument("--time-budget", type=float, metavar="SECONDS",
+                   help="train for about this long: the run is cut to the iterations that fit (schedule "
+                        "stretched over them); the manifest records the count")
 
     k = sub.add_parser("folds", help="print the cross-validation folds")
     k.add_argument("config", type=Path)
@@ -113,8 +117,14 @@ def main(argv: list[str] | None = None) -> int:
             from .trainer import TrainConfig, fit, fit_segnet
 
             cfg = TrainConfig.from_toml(args.config, iterations=args.iterations)
-            out = (fit_segnet if cfg.architecture == "segnet" else fit)(cfg, args.data, args.run, fold=args.fold, device=args.device, num_threads=args.threads,
-                      resume=not args.no_resume, stop_after=args.stop_after)
+            kwargs = dict(fold=args.fold, device=args.device, num_threads=args.threads, resume=not args.no_resume,
+                          stop_after=args.stop_after)
+            if cfg.architecture == "segnet":
+                if args.time_budget is not None:
+                    raise ValueError("--time-budget is not supported for SegNet runs")
+                out = fit_segnet(cfg, args.data, args.run, **kwargs)
+            else:
+                out = fit(cfg, args.data, args.run, time_budget=args.time_budget, **kwargs)
             print(out)
         elif args.command == "folds":
             from .trainer import TrainConfig, fold_split, load_cases

@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -275,6 +275,24 @@ def initialise_from(model, checkpoint: Path, protocol) -> None:
 
 
 
+#: iterations timed before a time budget fixes the run's length
+BUDGET_PROBE_ITERATIONS = 50
+
+
+def budget_iterations(start: int, done: int, elapsed_s: float, budget_s: float, configured: int) -> int:
+    """Total iterations of a run that has ``budget_s`` seconds of wall time in this call.
+
+    ``done`` iterations (after iteration ``start``) took ``elapsed_s``; the rest of the budget is
+    filled at that rate. Never fewer than the iterations already done plus one, never more than
+    ``configured`` (the budget shortens a run, it does not lengthen it).
+    """
+    if budget_s <= 0 or done <= 0:
+        raise ValueError("a time budget needs a positive budget and at least one timed iteration")
+    rate = elapsed_s / done
+    total = start + done + int(max(0.0, budget_s - elapsed_s) / rate)
+    return max(start + done + 1, min(int(configured), total))
+
+
 def _format_eta(seconds: float) -> str:
     seconds = int(max(0, seconds))
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
@@ -328,11 +346,16 @@ def _save_final(model, run_dir: Path, cfg: TrainConfig, protocol, fold, it: int,
 
 
 def fit(cfg: TrainConfig, data_root: Path, run_dir: Path, *, fold: int | None = None, device: str = "cpu",
-        num_threads: int | None = None, resume: bool = True, stop_after: int | None = None) -> Path:
+        num_threads: int | None = None, resume: bool = True, stop_after: int | None = None,
+        time_budget: float | None = None) -> Path:
     """Train one network; returns the path stem of the final checkpoint (``run_dir/final``).
 
     ``fold`` leaves that fold's test subjects (every case of theirs, real or label map) out of
     training. ``stop_after`` stops (with a checkpoint) after that many iterations of this call.
+    ``time_budget`` (seconds of training in this call) shortens the run to what fits: after
+    :data:`BUDGET_PROBE_ITERATIONS` timed iterations the configured number of iterations is cut to
+    :func:`budget_iterations` (the schedule is stretched over that count), and if the budget still
+    runs out the run ends there; the manifest records the iterations done.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -387,6 +410,18 @@ def fit(cfg: TrainConfig, data_root: Path, run_dir: Path, *, fold: int | None = 
     while it < cfg.iterations:
         if stop_after is not None and progress.done >= stop_after:
             break
+        if time_budget is not None and progress.done:
+            elapsed = time.time() - progress.t0
+            if progress.done == BUDGET_PROBE_ITERATIONS:
+                cfg = replace(cfg, iterations=budget_iterations(start, progress.done, elapsed, time_budget,
+                                                                cfg.iterations))
+                progress.cfg = cfg
+                log.info("%s: time budget %.0f s -> %d iterations in all", cfg.name, time_budget, cfg.iterations)
+            elif elapsed > time_budget:
+                log.warning("%s: time budget spent at iteration %d of %d", cfg.name, it, cfg.iterations)
+                cfg = replace(cfg, iterations=it)
+                progress.cfg = cfg
+                break
         for group in opt.param_groups:
             group["lr"] = learning_rate(cfg, it)
         images, targets = [], []

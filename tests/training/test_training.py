@@ -14,7 +14,7 @@ from bids_app.training import augment
 from bids_app.training.cli import main as train_main
 from bids_app.training.losses import SegmentationLoss, dice_loss, hard_dice
 from bids_app.training.prepare import block_affine, block_mean, block_mode, kfold_subjects
-from bids_app.training.trainer import TrainConfig, fit, learning_rate
+from bids_app.training.trainer import TrainConfig, budget_iterations, fit, learning_rate
 
 
 def test_block_mean_mode_and_affine():
@@ -282,3 +282,41 @@ def test_initialise_from_coarser_protocol(tmp_path):
 
     merged = merged_probabilities(p_fine[0].numpy(), dkt, aseg)
     assert np.allclose(merged, p_coarse[0].numpy(), atol=1e-5)
+
+
+def test_budget_iterations_fills_the_rest_of_the_budget():
+    # 50 iterations took 10 s: 0.2 s each; 90 s are left -> 450 more
+    assert budget_iterations(0, 50, 10.0, 100.0, 10_000) == 500
+    # a resumed run counts from where it started; the configured count is a ceiling
+    assert budget_iterations(1000, 50, 10.0, 100.0, 10_000) == 1500
+    assert budget_iterations(0, 50, 10.0, 100.0, 300) == 300
+    # a budget already spent still allows one more iteration, so the run ends with a final model
+    assert budget_iterations(0, 50, 120.0, 100.0, 10_000) == 51
+    with pytest.raises(ValueError):
+        budget_iterations(0, 0, 1.0, 100.0, 10)
+
+
+def test_fit_with_time_budget_cuts_the_run_and_records_it(tmp_path, monkeypatch):
+    import bids_app.training.trainer as trainer
+
+    class Clock:  # every reading of the clock advances it by 0.5 s
+        now = 0.0
+
+        def time(self):
+            Clock.now += 0.5
+            return Clock.now
+
+    monkeypatch.setattr(trainer, "time", Clock())
+    monkeypatch.setattr(trainer, "BUDGET_PROBE_ITERATIONS", 2)
+    _pack(tmp_path / "data" / "packed")
+    cfg = TrainConfig.from_toml(_config(tmp_path, iterations=1000))
+    out = fit(cfg, tmp_path / "data", tmp_path / "run", num_threads=1, time_budget=8.0)
+    _, manifest = load_checkpoint(out)
+    done = manifest["training"]["iterations"]
+    assert out.name == "final" and 3 <= done < 20
+    assert manifest["training"]["config"]["iterations"] == done
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert state["iteration"] == done
+    # the schedule was stretched over the cut run: by its end the poly decay has taken the learning rate
+    # below half of its peak (over the configured 1000 iterations it would still be near the peak)
+    assert state["history"][-1]["lr"] < 0.01 / 2
