@@ -13,7 +13,8 @@ default the first non-mirrored case of ``--library`` (its own subject is left ou
   ``population prior (read)`` when the chosen lobule models take the shipped population prior;
 * ``cascade 1 pass``: one deterministic forward of both stages' ensembles, the baseline;
 * ``cascade MC-N``: the pipeline's setting;
-* the total of the branch (prior + MC-N) against the goal of 3 minutes on a 2-core CPU.
+* the total of the branch (prior + MC-N) against the goal of 3 minutes on a 2-core CPU; with ``--device cuda``,
+  the cascade's MC-N against the GPU goal of 30 s (registration time aside).
 """
 
 from __future__ import annotations
@@ -97,8 +98,12 @@ def main() -> int:
     for label, seconds in rows:
         print(f"{label:40s} {seconds:8.1f} s")
     print(f"{'peak memory':40s} {peak_mb:8.0f} MB")
-    print(f"goal: branch under 180 s on a 2-core CPU -> {'met' if total < 180 else 'NOT met'}; "
-          f"labelled voxels {int((out.labels > 0).sum())}, mean CV {out.mean_cv_percent:.2f} %")
+    if str(args.device).startswith("cuda"):  # DeepCERES' GPU goal leaves the registrations out
+        goal = f"networks (MC-{args.mc_samples}) under 30 s on a GPU, registration aside -> " \
+               f"{'met' if rows[-2][1] < 30 else 'NOT met'}"
+    else:
+        goal = f"branch under 180 s on a 2-core CPU -> {'met' if total < 180 else 'NOT met'}"
+    print(f"goal: {goal}; labelled voxels {int((out.labels > 0).sum())}, mean CV {out.mean_cv_percent:.2f} %")
     return 0
 
 

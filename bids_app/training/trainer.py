@@ -266,7 +266,7 @@ def initialise_from(model, checkpoint: Path, protocol) -> None:
                 idx = torch.as_tensor(parent)
                 own[key].copy_(value[idx])
                 if own[key].ndim == 1:  # bias: share the parent's probability among its children
-                    siblings = torch.bincount(idx, minlength=len(src_protocol)).float()[idx]
+                    siblings = torch.bincount(idx, minlength=len(src_protocol)).float()[idx].to(own[key].device)
                     own[key].sub_(torch.log(siblings))
                 expanded += 1
     model.load_state_dict(own)
