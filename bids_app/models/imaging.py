@@ -76,12 +76,23 @@ def _pad_to(data: np.ndarray, divisor: int) -> tuple[np.ndarray, tuple[slice, ..
     return np.pad(data, pads), tuple(slice(0, n) for n in data.shape)
 
 
+def upsampled_support(data: np.ndarray, scale: int, device: str = "cpu") -> np.ndarray:
+    """Where the trilinear up-sampling of ``data > 0`` by ``scale`` exceeds 0.5: the same grid and weights as
+    :func:`bids_app.core.superres.interpolate` (order 1), computed by torch on ``device`` (the scipy version
+    took as long as the network itself on a GPU)."""
+    import torch
+    import torch.nn.functional as F
+
+    mask = torch.from_numpy((np.asarray(data) > 0).astype(np.float32))[None, None].to(device)
+    with torch.inference_mode():
+        up = F.interpolate(mask, scale_factor=float(scale), mode="trilinear", align_corners=False)
+        return (up[0, 0] > 0.5).cpu().numpy()
+
+
 def superresolve(model, data: np.ndarray, *, device: str = "cpu") -> np.ndarray:
     """``data`` up-sampled by the model's scale; non-negative, zero where the trilinear up-sampling is zero."""
-    from ..core.superres import interpolate
-
     out = _run(model, data, device)
-    support = interpolate((np.asarray(data) > 0).astype(np.float32), model.scale, order=1) > 0.5
+    support = upsampled_support(data, model.scale, device)
     return (np.clip(out, 0.0, None) * support).astype(np.float32)
 
 

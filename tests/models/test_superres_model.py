@@ -120,3 +120,14 @@ def test_a_user_model_overrides_the_shipped_one(tmp_path, monkeypatch):
     assert imaging.default_image_model("superres").endswith("z-user.json")
     with pytest.raises(ValueError, match="unknown image task"):
         imaging.default_image_model("wholebrain")
+
+
+def test_upsampled_support_matches_the_scipy_interpolation():
+    rng = np.random.default_rng(3)
+    data = rng.random((9, 7, 8)).astype(np.float32)
+    data[rng.random(data.shape) < 0.4] = 0.0  # a ragged support, edges included
+    reference = interpolate((data > 0).astype(np.float32), 2, order=1) > 0.5
+    support = imaging.upsampled_support(data, 2)
+    assert support.shape == (18, 14, 16) and support.dtype == bool
+    assert np.array_equal(support, reference)
+    assert 0 < support.sum() < support.size
