@@ -8,7 +8,7 @@
     arborseg-train export RUN_DIR/final STEM [--metrics METRICS.json] [--dtype float16] [--name NAME]
                           [--task TASK] [--model-version VERSION]
     arborseg-train calibrate-qc CV_DIR [CV_DIR...] --models MANIFEST.json [MANIFEST.json...] [--n-sd 2]
-                                [--method NAME]
+                                [--method NAME] [--folds K ...]
 
 Runs resume from their last checkpoint when started again with the same ``--run`` folder.
 """
@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--n-sd", type=float, default=2.0)
     q.add_argument("--modality", default="T1w")
     q.add_argument("--method", help="the model set of a study that compared several (cerebellum CV: e.g. population)")
+    q.add_argument("--folds", type=int, nargs="+", help="only the QC-study rows of these folds (the folds "
+                                                          "whose test subjects the ensemble never saw)")
 
     e = sub.add_parser("export", help="write a run's final model as an installable checkpoint")
     e.add_argument("final", type=Path)
@@ -153,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             from .crossval import write_calibration
 
             cal = write_calibration(args.parts, args.models, n_sd=args.n_sd, modality=args.modality,
-                                    method=args.method)
+                                    method=args.method, folds=args.folds)
             for name, table in cal["protocols"].items():
                 print(f"{name}: mean CV threshold {table['mean_cv_threshold_percent']:.3f} %")
             s = cal["study"]

@@ -282,12 +282,14 @@ def _study_dice(row: dict) -> float:
 
 
 def calibrate_qc(parts: list[Path], ensemble: list[str], *, modality: str = "T1w",
-                 n_sd: float = qc_calibration.DEFAULT_N_SD, method: str | None = None) -> dict:
+                 n_sd: float = qc_calibration.DEFAULT_N_SD, method: str | None = None,
+                 folds: list[int] | None = None) -> dict:
     """The ``qc_calibration`` of ``ensemble`` (manifest names) from the QC study of cross-validation runs.
 
     Thresholds from the clean held-out scans (:func:`bids_app.core.qc_calibration.calibrate_protocol`),
     and what the mean threshold does on every scan of the study, degraded ones included. ``method``
-    keeps the rows of one model set of a study that compared several (the cerebellum CV).
+    keeps the rows of one model set of a study that compared several (the cerebellum CV); ``folds``
+    keeps the rows of those folds (a run over all folds holds every fold's ensemble).
     """
     qc: list[dict] = []
     mc = set()
@@ -297,6 +299,10 @@ def calibrate_qc(parts: list[Path], ensemble: list[str], *, modality: str = "T1w
         if method is not None and not rows:
             raise ValueError(f"{part}: no QC-study rows of method {method!r} (found: "
                              f"{', '.join(sorted({str(q.get('method')) for q in raw['qc']}))})")
+        if folds is not None:
+            rows = [q for q in rows if int(q.get("fold", -1)) in set(folds)]
+            if not rows:
+                raise ValueError(f"{part}: no QC-study rows of fold(s) {sorted(folds)}")
         qc += rows
         mc.add(int(raw["mc_samples"]))
     clean = [q for q in qc if q["condition"] == "clean" and q.get("structure_cv")]
@@ -329,7 +335,8 @@ def calibrate_qc(parts: list[Path], ensemble: list[str], *, modality: str = "T1w
 
 
 def write_calibration(parts: list[Path], manifests: list[Path], *, modality: str = "T1w",
-                      n_sd: float = qc_calibration.DEFAULT_N_SD, method: str | None = None) -> dict:
+                      n_sd: float = qc_calibration.DEFAULT_N_SD, method: str | None = None,
+                      folds: list[int] | None = None) -> dict:
     """:func:`calibrate_qc` for the ensemble of ``manifests``, written into each of them (atomically)."""
     loaded = []
     for path in manifests:
@@ -337,7 +344,8 @@ def write_calibration(parts: list[Path], manifests: list[Path], *, modality: str
         if path.suffix != ".json" or not path.is_file():
             raise FileNotFoundError(f"{path}: not a model manifest (.json)")
         loaded.append((path, json.loads(path.read_text())))
-    cal = calibrate_qc(parts, [m["name"] for _, m in loaded], modality=modality, n_sd=n_sd, method=method)
+    cal = calibrate_qc(parts, [m["name"] for _, m in loaded], modality=modality, n_sd=n_sd, method=method,
+                       folds=folds)
     for path, manifest in loaded:
         with atomic_output(path) as tmp:
             Path(tmp).write_text(json.dumps(qc_calibration.with_calibration(manifest, cal), indent=2,

@@ -95,3 +95,17 @@ def test_calibrate_qc_keeps_one_method_of_a_cerebellum_study(tmp_path):
     assert cal["protocols"]["lobules"]["mean_cv_threshold_percent"] == pytest.approx(2.0 + 2 * 0.2, abs=1e-4)
     with pytest.raises(ValueError, match="no QC-study rows of method 'nope'"):
         calibrate_qc([tmp_path], ["h", "l"], method="nope")
+
+
+def test_calibrate_qc_keeps_the_rows_of_the_ensembles_folds(tmp_path):
+    part = _study(tmp_path / "cv", [6.0, 7.0, 8.0, 12.0, 13.0, 14.0], ["clean"] * 6)
+    raw = json.loads((part / "cv_raw.json").read_text())
+    for q in raw["qc"][3:]:
+        q["fold"] = 1  # another fold's pair, much less certain
+    (part / "cv_raw.json").write_text(json.dumps(raw))
+    fold0 = calibrate_qc([part], ["m"], folds=[0])
+    assert fold0["study"]["clean_scans"] == 3 and fold0["study"]["subjects"] == ["s0", "s1", "s2"]
+    assert fold0["protocols"]["aseg"]["mean_cv_threshold_percent"] == pytest.approx(7.0 + 2 * 1.0, abs=1e-4)
+    assert calibrate_qc([part], ["m"])["study"]["clean_scans"] == 6
+    with pytest.raises(ValueError, match=r"no QC-study rows of fold\(s\) \[2\]"):
+        calibrate_qc([part], ["m"], folds=[2])
