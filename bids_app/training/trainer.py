@@ -274,7 +274,6 @@ def initialise_from(model, checkpoint: Path, protocol) -> None:
              src_protocol.name, protocol.name)
 
 
-
 #: iterations timed before a time budget fixes the run's length
 BUDGET_PROBE_ITERATIONS = 50
 
