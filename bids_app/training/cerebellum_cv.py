@@ -10,7 +10,10 @@ copy) this scores, on the MNI cerebellum crop:
 * Dice of the manual vermis lobule groups (630/631/632) inside the manual vermis;
 * the ablations: U-Net vs DPN vs ensemble lobule networks; atlas fusion alone (the classical peer,
   leave-subject-out) with its time;
-* robustness (DeepCERES Table 6): the ensemble on corrupted inputs;
+* robustness (DeepCERES Table 6): the ensemble on corrupted inputs (noise, bias field, blur, thick
+  slices, gamma, ghosting, elastic deformation; a deformed image is scored against its deformed
+  references); a set that takes the atlas prior gets the prior of the corrupted image, as the pipeline
+  would compute it;
 * the MC-dropout QC study: every cascade run's mean and per-structure volume CVs (``lobules`` and
   ``hemispheres``) beside its lobule Dice, clean and corrupted, in ``cv_raw.json``, from which
   ``arborseg-train calibrate-qc --method NAME`` derives the cascade's QC thresholds.
@@ -35,7 +38,7 @@ from bids_app.core.lobules import vermis_agreement
 
 log = logging.getLogger(__name__)
 
-DEGRADATIONS = ("noise", "bias", "blur", "thick-slices", "gamma", "ghosting")
+DEGRADATIONS = ("noise", "bias", "blur", "thick-slices", "gamma", "ghosting", "deformation")
 
 
 def degrade_crop(image: np.ndarray, kind: str, seed: int = 0) -> np.ndarray:
@@ -53,6 +56,28 @@ def degrade_crop(image: np.ndarray, kind: str, seed: int = 0) -> np.ndarray:
     else:  # ghosting: a shifted, attenuated copy along the phase-encoding axis (y)
         x = x + 0.35 * np.roll(x, x.shape[1] // 4, axis=1)
     return normalise_intensity(np.clip(x, 0, None) * mask, mask)
+
+
+def deform_crop(image: np.ndarray, labels: list[np.ndarray], seed: int = 0, control_points: int = 7,
+                max_displacement: float = 4.0) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Random elastic deformation (DeepCERES Table 6, TorchIO's ``RandomElasticDeformation``).
+
+    Displacements drawn uniformly in +-``max_displacement`` voxels on a ``control_points``^3 grid and
+    interpolated (cubic) to a smooth field, applied to the image (linear) and to every label map
+    (nearest), so the prediction is scored against the deformed reference.
+    """
+    from scipy import ndimage
+
+    shape = image.shape
+    rng = np.random.default_rng(seed)
+    coarse = rng.uniform(-max_displacement, max_displacement, (3,) + (control_points,) * 3)
+    coords = np.indices(shape, dtype=np.float32)
+    for axis in range(3):
+        field = ndimage.zoom(coarse[axis], [n / control_points for n in shape], order=3)
+        coords[axis] += field[: shape[0], : shape[1], : shape[2]]
+    warped = ndimage.map_coordinates(image.astype(np.float32), coords, order=1, mode="constant", cval=0.0)
+    return warped.astype(np.float32), [ndimage.map_coordinates(lab, coords, order=0, mode="constant", cval=0)
+                                       for lab in labels]
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -138,9 +163,9 @@ def run_cerebellum_cv(library_dir: Path, oasis_dir: Path, template: Path, out_di
         manual = subject_to_crop(sub / f"{label}_desc-brain_T1w.nii.gz", sub / f"{label}_desc-manualvermis_dseg.nii.gz",
                                  sub / f"{label}_desc-aparcNMMjt+aseg_dseg.mgz", template)["manual"]
 
-        def add(method: str, pred: np.ndarray, seconds: float, **extra) -> None:
+        def add(method: str, pred: np.ndarray, seconds: float, truth: tuple | None = None, **extra) -> None:
             row = {"subject": case["subject"], "method": method, **extra, "seconds": round(seconds, 2)}
-            scores = score(pred, ref, manual)
+            scores = score(pred, *(truth or (ref, manual)))
             row.update({k: v for k, v in scores.items() if k != "per_structure"})
             row["per_structure"] = scores["per_structure"]
             rows.append(row)
@@ -154,10 +179,13 @@ def run_cerebellum_cv(library_dir: Path, oasis_dir: Path, template: Path, out_di
             from bids_app.atlas_library import read_library
             from bids_app.core.atlas_fusion import atlas_prior
 
-            # leave-subject-out, as for a new subject: the atlas-fusion baseline and the prior channels
+            def leave_out_prior(image: np.ndarray) -> np.ndarray:
+                """Leave-subject-out, as for a new subject: the atlas-fusion baseline and the prior channels."""
+                return atlas_prior(nib.Nifti1Image(image, t1.affine), read_library(library_dir), n=atlas_n,
+                                   exclude_subjects=[case["subject"]]).probabilities
+
             t0 = time.perf_counter()
-            prior = atlas_prior(t1, read_library(library_dir), n=atlas_n,
-                                exclude_subjects=[case["subject"]]).probabilities
+            prior = leave_out_prior(crop)
             pred = load_protocol("lobules").to_labels(np.argmax(prior, axis=0))
             add(f"atlas-fusion-n{atlas_n}", pred, time.perf_counter() - t0)
         if population is not None:  # the population prior alone (its argmax; no image, no registration)
@@ -174,10 +202,18 @@ def run_cerebellum_cv(library_dir: Path, oasis_dir: Path, template: Path, out_di
         for ens in robust or ["ensemble" if "ensemble" in lobules else next(iter(lobules))]:
             for kind in degrade_kinds:
                 t0 = time.perf_counter()
-                res = segment_cerebellum(degrade_crop(crop, kind, seed=i), hemisphere, lobules[ens],
+                truth = None
+                if kind == "deformation":
+                    image, warped = deform_crop(crop, [ref, manual], seed=i)
+                    truth = tuple(warped)
+                else:
+                    image = degrade_crop(crop, kind, seed=i)
+                # the corrupted image gets its own atlas prior, as the pipeline would give it
+                used = leave_out_prior(image) if kinds[ens] == "atlas" else priors[kinds[ens]]
+                res = segment_cerebellum(image, hemisphere, lobules[ens],
                                          hemisphere_prior_weight=hemisphere_prior_weight,
-                                         prior=priors[kinds[ens]], mc_samples=mc_samples, num_threads=threads)
-                add(f"{ens}+{kind}", res.labels, time.perf_counter() - t0,
+                                         prior=used, mc_samples=mc_samples, num_threads=threads)
+                add(f"{ens}+{kind}", res.labels, time.perf_counter() - t0, truth,
                     mean_cv_percent=round(float(res.mean_cv_percent), 2))
                 qc.append(_qc_row(res, case["subject"], ens, kind, rows[-1]["lobule_dice_mean"]))
         _write(out_dir, rows, timing, test_subjects, qc, mc_samples, hemisphere_prior_weight)
