@@ -21,6 +21,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bids_app.core.labels import load_protocol, merge_labels  # noqa: E402
+from bids_app.core.metrics import confusion, dice  # noqa: E402
 from bids_app.models.segment import block_mean, upsample  # noqa: E402
 
 
@@ -39,16 +40,9 @@ def grid_round_trip(labels: np.ndarray, protocol, factor: int) -> np.ndarray:
 
 
 def mean_dice(pred: np.ndarray, ref: np.ndarray, protocol) -> float:
-    scores = []
-    for value in protocol.indices:
-        if value == 0:
-            continue
-        r = ref == value
-        if not r.any():
-            continue
-        p = pred == value
-        scores.append(2.0 * np.logical_and(p, r).sum() / (p.sum() + r.sum()))
-    return float(np.mean(scores))
+    """Mean Dice over the protocol's structures present in ``ref`` (background left out)."""
+    present = [v for v in protocol.indices if v != 0 and np.any(ref == v)]
+    return float(np.mean([dice(*confusion(pred == v, ref == v)[:3]) for v in present]))
 
 
 def main(argv=None) -> int:

@@ -151,6 +151,11 @@ def run_cerebellum_cv(library_dir: Path, oasis_dir: Path, template: Path, out_di
         from bids_app.atlas_library import prior_probabilities
 
         population = prior_probabilities(nib.load(str(population_prior)))
+    library = None
+    if atlas_n:  # read and checked once: every subject's priors (clean and corrupted) use it
+        from bids_app.atlas_library import read_library
+
+        library = read_library(library_dir)
     rows: list[dict] = []
     qc: list[dict] = []
     timing: dict[str, list[float]] = {}
@@ -176,12 +181,11 @@ def run_cerebellum_cv(library_dir: Path, oasis_dir: Path, template: Path, out_di
 
         prior = None
         if atlas_n:
-            from bids_app.atlas_library import read_library
             from bids_app.core.atlas_fusion import atlas_prior
 
             def leave_out_prior(image: np.ndarray) -> np.ndarray:
                 """Leave-subject-out, as for a new subject: the atlas-fusion baseline and the prior channels."""
-                return atlas_prior(nib.Nifti1Image(image, t1.affine), read_library(library_dir), n=atlas_n,
+                return atlas_prior(nib.Nifti1Image(image, t1.affine), library, n=atlas_n,
                                    exclude_subjects=[case["subject"]]).probabilities
 
             t0 = time.perf_counter()

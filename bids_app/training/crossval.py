@@ -300,7 +300,7 @@ def calibrate_qc(parts: list[Path], ensemble: list[str], *, modality: str = "T1w
             raise ValueError(f"{part}: no QC-study rows of method {method!r} (found: "
                              f"{', '.join(sorted({str(q.get('method')) for q in raw['qc']}))})")
         if folds is not None:
-            rows = [q for q in rows if int(q.get("fold", -1)) in set(folds)]
+            rows = [q for q in rows if int(q.get("fold", -1)) in folds]
             if not rows:
                 raise ValueError(f"{part}: no QC-study rows of fold(s) {sorted(folds)}")
         qc += rows
