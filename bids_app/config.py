@@ -51,6 +51,8 @@ class SegmentationConfig:
     protocol: str = ""
     #: Monte-Carlo dropout samples per subject
     mc_samples: int = 15
+    #: test-time augmentation (``arborseg --tta``; a key of ``bids_app.models.segment.TTA_VIEWS``)
+    tta: str = "none"
     #: the manifest task of the branch: ``"wholebrain"`` or ``"parcellation"``
     task: str = "wholebrain"
     #: the option that switched the branch off (``--no-seg`` or ``--no-parc``)

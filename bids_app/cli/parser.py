@@ -138,6 +138,13 @@ class _Parser(argparse.ArgumentParser):
         if getattr(opts, "no_seg", False) and getattr(opts, "parc_models", None):
             self.error("argument --parc-models: not allowed with argument --no-seg (which switches off the "
                        "whole-brain segmentation and the cortical parcellation)")
+        tta, samples = getattr(opts, "tta", None), getattr(opts, "mc_samples", None)
+        if tta and samples is not None:
+            from ..models.segment import TTA_VIEWS
+
+            if samples < len(TTA_VIEWS[tta]):
+                self.error(f"argument --tta: {tta} has {len(TTA_VIEWS[tta])} views and needs at least as many "
+                           f"--mc-samples (got {samples})")
         return opts, extra
 
 
@@ -232,6 +239,11 @@ def get_parser() -> argparse.ArgumentParser:
                              "ensemble; default: the installed models whose manifest has \"task\": \"wholebrain\"")
     choice.add_argument("--no-seg", action="store_true",
                         help="do not run the whole-brain segmentation nor the cortical parcellation")
+    seg.add_argument("--tta", choices=["none", "flip", "shift", "flip-shift"], default=None,
+                     help="test-time augmentation of the whole-brain segmentation and the parcellation: the MC "
+                          "samples are spread over the left-right mirror (flip), a model grid shifted by half a "
+                          "voxel (shift) or all four views (flip-shift); default flip-shift (flip with 2 or 3 "
+                          "samples, none with 1). The shipped QC calibrations were made with flip-shift")
     seg.add_argument("--mc-samples", type=_positive_int, default=15, metavar="N",
                      help="Monte-Carlo dropout samples per subject for the segmentation, parcellation and "
                           "cerebellum QC (default 15)")

@@ -66,8 +66,10 @@ def build_config(opts, argv: list[str]):
         _check_no_collision(segmentation, parcellation)
         cerebellum = cerebellum_config(opts)
     else:
-        segmentation = SegmentationConfig(enabled=not opts.no_seg, mc_samples=opts.mc_samples)
+        tta = resolved_tta(opts)
+        segmentation = SegmentationConfig(enabled=not opts.no_seg, mc_samples=opts.mc_samples, tta=tta)
         parcellation = SegmentationConfig(enabled=not (opts.no_seg or opts.no_parc), mc_samples=opts.mc_samples,
+                                          tta=tta,
                                           task="parcellation",
                                           switched_off_by="--no-seg" if opts.no_seg else "--no-parc")
         cerebellum = CerebellumConfig(enabled=not opts.no_cerebellum, mc_samples=opts.mc_samples,
@@ -90,6 +92,15 @@ def build_config(opts, argv: list[str]):
     ), opts.clean_workdir
 
 
+def resolved_tta(opts) -> str:
+    """``--tta``, else the default test-time augmentation, or the largest one the MC samples allow."""
+    from ..models.segment import DEFAULT_TTA, TTA_VIEWS
+
+    if getattr(opts, "tta", None):
+        return opts.tta
+    return next(name for name in (DEFAULT_TTA, "flip", "none") if len(TTA_VIEWS[name]) <= opts.mc_samples)
+
+
 def segmentation_config(opts):
     """The whole-brain branch: ``--no-seg``, ``--seg-models`` (checked now) or the installed models.
 
@@ -100,16 +111,16 @@ def segmentation_config(opts):
     from ..models.segment import default_wholebrain_models, validate_wholebrain_checkpoints
 
     if opts.no_seg:
-        return SegmentationConfig(enabled=False, mc_samples=opts.mc_samples)
+        return SegmentationConfig(enabled=False, mc_samples=opts.mc_samples, tta=resolved_tta(opts))
     if opts.seg_models:
         paths, origin = list(opts.seg_models), "--seg-models"
     else:
         paths, origin = default_wholebrain_models(), "installed"
         if not paths:
-            return SegmentationConfig(enabled=True, mc_samples=opts.mc_samples)
+            return SegmentationConfig(enabled=True, mc_samples=opts.mc_samples, tta=resolved_tta(opts))
     manifests, protocol = validate_wholebrain_checkpoints(paths)
     return SegmentationConfig(enabled=True, checkpoints=tuple(manifests), origin=origin, protocol=protocol,
-                              mc_samples=opts.mc_samples)
+                              mc_samples=opts.mc_samples, tta=resolved_tta(opts))
 
 
 def parcellation_config(opts):
@@ -123,17 +134,19 @@ def parcellation_config(opts):
     from ..models.segment import PARCELLATION_TASK, default_parcellation_models, validate_parcellation_checkpoints
 
     if opts.no_seg or opts.no_parc:
-        return SegmentationConfig(enabled=False, mc_samples=opts.mc_samples, task=PARCELLATION_TASK,
+        return SegmentationConfig(enabled=False, mc_samples=opts.mc_samples, tta=resolved_tta(opts),
+                                  task=PARCELLATION_TASK,
                                   switched_off_by="--no-seg" if opts.no_seg else "--no-parc")
     if opts.parc_models:
         paths, origin = list(opts.parc_models), "--parc-models"
     else:
         paths, origin = default_parcellation_models(), "installed"
         if not paths:
-            return SegmentationConfig(enabled=True, mc_samples=opts.mc_samples, task=PARCELLATION_TASK)
+            return SegmentationConfig(enabled=True, mc_samples=opts.mc_samples, tta=resolved_tta(opts),
+                                      task=PARCELLATION_TASK)
     manifests, protocol = validate_parcellation_checkpoints(paths)
     return SegmentationConfig(enabled=True, checkpoints=tuple(manifests), origin=origin, protocol=protocol,
-                              mc_samples=opts.mc_samples, task=PARCELLATION_TASK)
+                              mc_samples=opts.mc_samples, tta=resolved_tta(opts), task=PARCELLATION_TASK)
 
 
 def cerebellum_config(opts):

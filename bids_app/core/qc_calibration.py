@@ -93,24 +93,33 @@ def calibrations_of(manifest: Mapping) -> list[dict]:
     return [dict(c) for c in items if isinstance(c, Mapping)]
 
 
-def _matches(cal: Mapping, wanted: list[str], modality: str) -> bool:
-    return sorted(map(str, cal.get("ensemble") or [])) == wanted and cal.get("modality", "T1w") == modality
+def _matches(cal: Mapping, wanted: list[str], modality: str, tta: str | None = None) -> bool:
+    """Same ensemble and modality (and, unless ``tta`` is None, the same test-time augmentation)."""
+    return (sorted(map(str, cal.get("ensemble") or [])) == wanted and cal.get("modality", "T1w") == modality
+            and (tta is None or cal.get("tta", "none") == tta))
 
 
-def find_calibration(manifests: Sequence[Mapping], names: Sequence[str], modality: str) -> dict | None:
-    """The calibration of a member manifest made for exactly this ensemble and modality, else None."""
+def find_calibration(manifests: Sequence[Mapping], names: Sequence[str], modality: str,
+                     tta: str = "none") -> dict | None:
+    """The calibration of a member manifest made for exactly this ensemble and modality, else None.
+
+    One made with the same test-time augmentation (``tta``; calibrations without one were made
+    without) comes first; else one with another (:func:`samples_warning` then says so).
+    """
     wanted = sorted(str(n) for n in names)
-    for manifest in manifests:
-        for cal in calibrations_of(manifest):
-            if _matches(cal, wanted, modality):
-                return cal
+    for exact in (True, False):
+        for manifest in manifests:
+            for cal in calibrations_of(manifest):
+                if _matches(cal, wanted, modality, tta if exact else None):
+                    return cal
     return None
 
 
 def with_calibration(manifest: Mapping, calibration: Mapping) -> dict:
     """A copy of ``manifest`` holding ``calibration``, replacing one for the same ensemble and modality."""
     wanted = sorted(map(str, calibration.get("ensemble") or []))
-    kept = [c for c in calibrations_of(manifest) if not _matches(c, wanted, calibration.get("modality", "T1w"))]
+    kept = [c for c in calibrations_of(manifest)
+            if not _matches(c, wanted, calibration.get("modality", "T1w"), calibration.get("tta", "none"))]
     out = dict(manifest)
     out["qc_calibration"] = kept + [dict(calibration)] if kept else dict(calibration)
     return out
@@ -144,9 +153,16 @@ def class_thresholds(structure_thresholds: Sequence[float] | None, threshold: fl
     return np.full(int(n_classes), float(threshold))
 
 
-def samples_warning(calibration: Mapping | None, mc_samples: int) -> str | None:
-    """A warning when ``calibration`` was made with another number of MC samples (the CVs are less comparable)."""
-    if calibration is None or int(calibration.get("mc_samples", mc_samples)) == int(mc_samples):
+def samples_warning(calibration: Mapping | None, mc_samples: int, tta: str | None = None) -> str | None:
+    """A warning when ``calibration`` was made with another number of MC samples or another test-time
+    augmentation than this run (``tta``; None: not checked): the CVs are then less comparable."""
+    if calibration is None:
         return None
-    return (f"the QC thresholds were calibrated with {calibration.get('mc_samples')} MC samples, this run draws "
-            f"{int(mc_samples)}: the CVs are less comparable")
+    problems = []
+    if int(calibration.get("mc_samples", mc_samples)) != int(mc_samples):
+        problems.append(f"{calibration.get('mc_samples')} MC samples (this run draws {int(mc_samples)})")
+    if tta is not None and calibration.get("tta", "none") != tta:
+        problems.append(f"test-time augmentation {calibration.get('tta', 'none')} (this run: {tta})")
+    if not problems:
+        return None
+    return f"the QC thresholds were calibrated with {' and '.join(problems)}: the CVs are less comparable"

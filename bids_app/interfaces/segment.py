@@ -36,6 +36,8 @@ class _SegmentInputSpec(BaseInterfaceInputSpec):
     source_file = File(exists=True, mandatory=True, desc="the raw T1w: its grid is the native space of the outputs")
     checkpoints = traits.List(File(exists=True), minlen=1, mandatory=True, desc="model manifests (.json)")
     mc_samples = traits.Int(15, usedefault=True, desc="Monte-Carlo dropout samples")
+    tta = traits.Enum("none", "flip", "shift", "flip-shift", usedefault=True,
+                      desc="test-time augmentation: the MC samples spread over these views")
     seed = traits.Int(42, usedefault=True, desc="seed of the dropout masks")
     modality = Str("T1w", usedefault=True, desc="selects the QC threshold")
     num_threads = traits.Int(1, usedefault=True, nohash=True, desc="CPU threads of PyTorch")
@@ -105,6 +107,7 @@ class WholeBrainSegmentation(SimpleInterface):
             "t1w_preproc": self.inputs.t1w_preproc, "icv_mask": self.inputs.icv_mask,
             "source_file": self.inputs.source_file, "checkpoints": [str(c) for c in self.inputs.checkpoints],
             "out_dir": os.path.abspath("segmentation"), "mc_samples": int(self.inputs.mc_samples),
+            "tta": self.inputs.tta,
             "seed": int(self.inputs.seed), "device": self.inputs.device, "num_threads": int(self.inputs.num_threads),
             "modality": self.inputs.modality,
             "icv_ml": float(self.inputs.icv_ml) if isdefined(self.inputs.icv_ml) else None,

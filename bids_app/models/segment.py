@@ -18,6 +18,18 @@ the ICV) and an ensemble of checkpoints that share one label protocol:
    which puts the centre of block ``i`` at image voxel ``k*i + (k - 1)/2``, then cropped to the
    image shape) and renormalised to sum to 1. Members with another voxel size get their own
    grid; their image-grid probabilities are averaged, weighted by the number of members.
+   **Test-time augmentation** (``tta``): the MC samples are spread over views of the image, in
+   turn: ``flip`` adds the left-right mirror (the image's first axis, RAS x; its probabilities are
+   mirrored back on the model grid and every class swapped with its mirror,
+   :meth:`bids_app.core.labels.Protocol.lr_swap`); ``shift`` adds a model grid offset by half a
+   model voxel (the image zero-padded by ``k // 2`` voxels at the start of every axis, the
+   up-sampled probabilities cropped back; only for integer factors ``k > 1``); ``flip-shift``
+   does both (4 views). With ``n`` samples and ``v`` views, view ``i`` draws ``n // v`` samples
+   plus one when ``i < n % v``, with its own dropout seed (view 0 keeps ``seed``, so ``none``
+   gives the samples it always gave); the probabilities are the sample-weighted mean of the
+   views and the QC volumes are every view's samples (so the CV also sees what the views change).
+   The members were trained with left-right flips and random crops, so both views are images of
+   the kind they learned.
 4. **Labels** are the argmax of the image-grid probabilities, as label values of the protocol.
    With an intracranial ``mask`` (same grid as the image), every voxel outside it is background:
    its probabilities become 1 for the background class and 0 for the others (its entropy 0)
@@ -38,8 +50,8 @@ probabilities through the merge tables of :mod:`bids_app.core.labels`, and their
 sample volumes sample by sample before the statistics (:func:`coarser`, :func:`coarse_cv`).
 
 The entropy is the predictive entropy (nats) of the model-grid mean softmax, upsampled like the
-probabilities; with several voxel-size groups it is the entropy of the combined image-grid
-probabilities (the groups may disagree, which a mean of their entropies would hide).
+probabilities; with several voxel-size groups or TTA views it is the entropy of the combined
+image-grid probabilities (they may disagree, which a mean of their entropies would hide).
 
 Nothing here imports torch at module import time, so the command line can check checkpoints
 (:func:`validate_wholebrain_checkpoints`) and list the installed models without it.
@@ -84,6 +96,15 @@ COARSE_PROTOCOLS = ("aseg", "cerebrum7")
 _UPSAMPLE_CHUNK = 4
 #: image slabs (along the first axis) merged at a time by :func:`coarse_labels`
 _SLAB = 16
+#: test-time augmentations of :func:`segment_volume`: name -> its views as ``(mirrored, shifted)``
+TTA_VIEWS: dict[str, tuple[tuple[bool, bool], ...]] = {
+    "none": ((False, False),),
+    "flip": ((False, False), (True, False)),
+    "shift": ((False, False), (False, True)),
+    "flip-shift": ((False, False), (True, False), (False, True), (True, True)),
+}
+#: the test-time augmentation of the pipeline (``arborseg --tta``)
+DEFAULT_TTA = "flip-shift"
 
 
 # --------------------------------------------------------------------------- result
@@ -114,6 +135,8 @@ class SegmentationResult:
     structure_thresholds: np.ndarray | None = None
     #: the ``qc_calibration`` of the member manifests used for the thresholds (None: the modality default)
     qc_calibration: dict | None = None
+    #: test-time augmentation (a key of :data:`TTA_VIEWS`)
+    tta: str = "none"
 
     @property
     def volume_mean_mm3(self) -> np.ndarray:
@@ -298,12 +321,20 @@ def _zoom_down(image: np.ndarray, model_vox: Sequence[float], image_vox: Sequenc
 
 
 def _upsample_into(out: np.ndarray, coarse: np.ndarray, factors: tuple[int, int, int] | None,
-                   weight: float, accumulate: bool) -> None:
-    """``out[c] (+)= weight * upsample(coarse[c])`` class chunk by class chunk (``out``: (C, X, Y, Z))."""
+                   weight: float, accumulate: bool, offset: Sequence[int] = (0, 0, 0)) -> None:
+    """``out[c] (+)= weight * upsample(coarse[c])`` class chunk by class chunk (``out``: (C, X, Y, Z)).
+
+    ``offset``: the model grid was made from the image zero-padded by that many voxels at the start
+    of every axis; the up-sampled maps are cropped back by as much.
+    """
     shape = out.shape[1:]
+    padded = tuple(s + o for s, o in zip(shape, offset))
+    crop = (slice(None),) + tuple(slice(o, o + s) for o, s in zip(offset, shape))
     for start in range(0, coarse.shape[0], _UPSAMPLE_CHUNK):
         stop = min(start + _UPSAMPLE_CHUNK, coarse.shape[0])
-        up = upsample(coarse[start:stop], shape, factors)
+        up = upsample(coarse[start:stop], padded, factors)
+        if any(offset):
+            up = up[crop]
         if weight != 1.0:
             up *= np.float32(weight)
         if accumulate:
@@ -342,6 +373,25 @@ def upsample(coarse: np.ndarray, shape: Sequence[int], factors: Sequence[int] | 
     return out
 
 
+def tta_views(tta: str) -> tuple[tuple[bool, bool], ...]:
+    """The ``(mirrored, shifted)`` views of a test-time augmentation name (:data:`TTA_VIEWS`)."""
+    if tta not in TTA_VIEWS:
+        raise ValueError(f"unknown test-time augmentation {tta!r}; choose one of {', '.join(TTA_VIEWS)}")
+    return TTA_VIEWS[tta]
+
+
+def view_samples(n_samples: int, n_views: int) -> list[int]:
+    """MC samples of each view: ``n // v`` each, one more for the first ``n % v`` views."""
+    return [n_samples // n_views + (1 if i < n_samples % n_views else 0) for i in range(n_views)]
+
+
+def view_seed(seed: int, view: int) -> int:
+    """The dropout seed of TTA view ``view``: ``seed`` itself for view 0, a derived one for the others."""
+    if view == 0:
+        return int(seed)
+    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, 0x77A, view]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
 # --------------------------------------------------------------------------- segmentation
 
 
@@ -358,6 +408,7 @@ def segment_volume(
     image_voxel_mm: float | Sequence[float] = 1.0,
     threshold: float | None = None,
     mask: np.ndarray | None = None,
+    tta: str = "none",
 ) -> SegmentationResult:
     """Segment a conformed, normalised ``(X, Y, Z)`` image with an MC-dropout ensemble.
 
@@ -374,6 +425,8 @@ def segment_volume(
         mask: optional intracranial mask on the image grid: outside it the probabilities are
             forced to background (1 for background, 0 for the rest), hence label 0 and entropy 0.
             The MC-sample volumes of the QC (model grid) are not masked.
+        tta: test-time augmentation, ``none``, ``flip``, ``shift`` or ``flip-shift`` (the module
+            docstring says what each does); the MC samples are spread over its views.
     """
     from .mcdropout import mean_cv, mc_dropout, predictive_entropy, qc_flag, qc_threshold, volume_statistics
 
@@ -384,6 +437,11 @@ def segment_volume(
     if not np.isfinite(image).all():
         raise ValueError("the image contains NaN or Inf values")
     image_vox = _voxel_triplet(image_voxel_mm)
+    views = tta_views(tta)
+    if mc_samples < len(views):
+        raise ValueError(f"test-time augmentation {tta!r} has {len(views)} views: it needs at least that many MC "
+                         f"samples, got {mc_samples}")
+    counts = view_samples(mc_samples, len(views))
     outside = None
     if mask is not None:
         mask = np.asarray(mask)
@@ -419,37 +477,76 @@ def segment_volume(
     entropy = np.zeros(shape, dtype=np.float32)
     volumes: np.ndarray | None = None
     timings = {"load_s": t_loaded - t_start, "resample_s": 0.0, "mc_s": 0.0, "upsample_s": 0.0}
-    for g, (vox, indices) in enumerate(groups.items()):
+    swap = np.asarray(protocol.lr_swap(), dtype=np.int64) if any(m for m, _ in views) else None
+    for vox, indices in groups.items():
         weight = len(indices) / len(members)
-        t0 = time.perf_counter()
         factors = _integer_factors(vox, image_vox)
-        x = block_mean(image, factors) if factors is not None else _zoom_down(image, vox, image_vox)
-        t1 = time.perf_counter()
-        log.info("whole-brain segmentation: %d model(s) at %s mm on a %s grid (%s), %d MC samples",
-                 len(indices), "x".join(f"{v:g}" for v in vox), "x".join(map(str, x.shape)),
-                 f"block mean {factors}" if factors else "linear zoom", mc_samples)
-        mc = mc_dropout([members[i][0] for i in indices], x[None], n_samples=mc_samples, seed=seed,
-                        voxel_size_mm=list(vox), device=device, num_threads=num_threads, modality=modality,
-                        class_names=list(protocol.names))
-        del x
-        t2 = time.perf_counter()
-        if mc.mean_probs.shape[0] != k_total:
-            raise ModelError(f"the models give {mc.mean_probs.shape[0]} classes, protocol {protocol.name!r} "
-                             f"has {k_total}")
-        if len(groups) == 1 and factors == (1, 1, 1):
-            probs = mc.mean_probs  # already on the image grid: no second copy of the largest array
-        else:
-            if probs is None:
-                probs = np.empty((k_total,) + shape, dtype=np.float32)
-            _upsample_into(probs, mc.mean_probs, factors, weight, accumulate=g > 0)
-        if len(groups) == 1:
-            entropy = upsample(mc.entropy[None], shape, factors)[0]
-        group_volumes = mc.volumes_mm3 * weight
-        volumes = group_volumes if volumes is None else volumes + group_volumes
-        del mc
-        timings["resample_s"] += t1 - t0
-        timings["mc_s"] += t2 - t1
-        timings["upsample_s"] += time.perf_counter() - t2
+        shifts = [(0, 0, 0)]
+        if any(s for _, s in views):
+            if factors is None or all(f == 1 for f in factors):
+                log.warning("whole-brain segmentation: no shifted view for models at %s mm (not an integer multiple "
+                            "> 1 of the image's voxel); its samples use the unshifted grid",
+                            "x".join(f"{v:g}" for v in vox))
+                shifts.append((0, 0, 0))
+            else:
+                shifts.append(tuple(f // 2 for f in factors))
+        group_volumes: list[tuple[int, np.ndarray]] = []
+        for shifted in (False, True):
+            mine = [(v, mirrored) for v, (mirrored, s) in enumerate(views) if s == shifted and counts[v] > 0]
+            if not mine:
+                continue
+            offset = shifts[1] if shifted else shifts[0]
+            t0 = time.perf_counter()
+            source = np.pad(image, [(o, 0) for o in offset]) if any(offset) else image
+            x = block_mean(source, factors) if factors is not None else _zoom_down(source, vox, image_vox)
+            del source
+            t1 = time.perf_counter()
+            log.info("whole-brain segmentation: %d model(s) at %s mm on a %s grid (%s%s), %d MC samples",
+                     len(indices), "x".join(f"{v:g}" for v in vox), "x".join(map(str, x.shape)),
+                     f"block mean {factors}" if factors else "linear zoom",
+                     f", offset {offset} voxels" if any(offset) else "", sum(counts[v] for v, _ in mine))
+            mean: np.ndarray | None = None
+            for v, mirrored in mine:
+                xv = np.ascontiguousarray(x[::-1]) if mirrored else x
+                mc = mc_dropout([members[i][0] for i in indices], xv[None], n_samples=counts[v],
+                                seed=view_seed(seed, v), voxel_size_mm=list(vox), device=device,
+                                num_threads=num_threads, modality=modality, class_names=list(protocol.names))
+                if mc.mean_probs.shape[0] != k_total:
+                    raise ModelError(f"the models give {mc.mean_probs.shape[0]} classes, protocol {protocol.name!r} "
+                                     f"has {k_total}")
+                p, vols = mc.mean_probs, mc.volumes_mm3
+                if mirrored:  # back to the unmirrored grid, every class in its mirror's place
+                    p, vols = np.ascontiguousarray(p[swap][:, ::-1]), vols[:, swap]
+                if len(mine) > 1:  # sample-weighted mean of this grid's views
+                    p *= np.float32(counts[v] / sum(counts[u] for u, _ in mine))
+                if mean is None:
+                    mean = p
+                else:
+                    mean += p
+                group_volumes.append((v, vols * weight))
+                if len(groups) == 1 and len(views) == 1:
+                    entropy_coarse = mc.entropy
+                del mc, p
+            assert mean is not None
+            n_here = sum(counts[v] for v, _ in mine)
+            del x
+            t2 = time.perf_counter()
+            share = weight * n_here / mc_samples
+            if len(groups) == 1 and len(views) == 1 and factors == (1, 1, 1):
+                probs = mean  # already on the image grid: no second copy of the largest array
+            else:
+                if probs is None:
+                    probs = np.zeros((k_total,) + shape, dtype=np.float32)
+                _upsample_into(probs, mean, factors, share, accumulate=True, offset=offset)
+            if len(groups) == 1 and len(views) == 1:
+                entropy = upsample(entropy_coarse[None], shape, factors)[0]
+            del mean
+            timings["resample_s"] += t1 - t0
+            timings["mc_s"] += t2 - t1
+            timings["upsample_s"] += time.perf_counter() - t2
+        # the samples in view order, so that sample s of every voxel-size group is the same view
+        stacked = np.concatenate([vols for _, vols in sorted(group_volumes, key=lambda item: item[0])])
+        volumes = stacked if volumes is None else volumes + stacked
 
     t3 = time.perf_counter()
     assert probs is not None and volumes is not None
@@ -464,13 +561,13 @@ def segment_volume(
     classes = probs.argmax(axis=0)
     labels = protocol.to_labels(classes)
     del classes
-    if len(groups) > 1:
+    if len(groups) > 1 or len(views) > 1:
         entropy = predictive_entropy(probs)  # 0 outside the mask: the probabilities are one-hot there
     _, _, cv = volume_statistics(volumes)
     background = 0 if protocol.indices and protocol.indices[0] == 0 else None
     mcv = mean_cv(cv, background)
-    calibration = find_calibration([m for _, m in members], names, modality) if threshold is None else None
-    warning = samples_warning(calibration, mc_samples)
+    calibration = find_calibration([m for _, m in members], names, modality, tta) if threshold is None else None
+    warning = samples_warning(calibration, mc_samples, tta)
     if warning:
         log.warning("whole-brain segmentation: %s", warning)
     default = qc_threshold(modality) if threshold is None else float(threshold)
@@ -486,7 +583,7 @@ def segment_volume(
         cv_percent=cv, mean_cv_percent=mcv, qc_flag=flag, qc_threshold=limit, models=names, timings=timings,
         mc_volumes_mm3=volumes, n_samples=int(mc_samples), seed=int(seed), modality=modality,
         voxel_size_mm=image_vox, model_voxel_sizes_mm=list(groups), manifests=[m for _, m in members],
-        structure_thresholds=per_class, qc_calibration=calibration,
+        structure_thresholds=per_class, qc_calibration=calibration, tta=tta,
     )
 
 

@@ -90,12 +90,14 @@ def calibration_summary(result) -> dict:
         return {"Calibrated": False,
                 "Method": f"default threshold for {result.modality} (no calibration for this ensemble)"}
     return {"Calibrated": True, "Method": cal.get("method"), "Source": cal.get("source"),
-            "MCSamples": cal.get("mc_samples"), "Study": cal.get("study")}
+            "MCSamples": cal.get("mc_samples"), "TestTimeAugmentation": cal.get("tta", "none"),
+            "Study": cal.get("study")}
 
 
 def segment_files(t1w_preproc: str, icv_mask: str, source_file: str, checkpoints: Sequence[str], *, out_dir: str,
                   mc_samples: int = 15, seed: int = 42, device: str = "auto", num_threads: int | None = None,
-                  modality: str = "T1w", icv_ml: float | None = None, fine_only: bool = False) -> dict:
+                  modality: str = "T1w", icv_ml: float | None = None, fine_only: bool = False,
+                  tta: str = "none") -> dict:
     """Segment, write every output into ``out_dir``; returns the paths and the QC summary (JSON-friendly).
 
     ``fine_only``: only the models' own protocol (see the module docstring).
@@ -114,7 +116,7 @@ def segment_files(t1w_preproc: str, icv_mask: str, source_file: str, checkpoints
         icv_ml = float(mask.sum()) * float(np.prod(vox)) / 1000.0
 
     result = segment_volume(image, list(checkpoints), mc_samples=mc_samples, seed=seed, device=device,
-                            num_threads=num_threads, modality=modality, image_voxel_mm=vox, mask=mask)
+                            num_threads=num_threads, modality=modality, image_voxel_mm=vox, mask=mask, tta=tta)
     del image, mask
     fine = result.protocol
     protocols = [fine]
@@ -202,7 +204,7 @@ def segment_files(t1w_preproc: str, icv_mask: str, source_file: str, checkpoints
                        "variation (CV) of every structure's volume over the MC samples",
         "Task": "parcellation" if fine_only else "wholebrain",
         "Models": models, "MCSamples": result.n_samples, "Seed": result.seed, "Modality": result.modality,
-        "LabelProtocol": fine.name, "MeanCVPercent": _num(result.mean_cv_percent),
+        "TestTimeAugmentation": result.tta, "LabelProtocol": fine.name, "MeanCVPercent": _num(result.mean_cv_percent),
         "QCThresholdPercent": result.qc_threshold, "QCFlag": result.qc_flag,
         "QCCalibration": calibration_summary(result),
         "Deep14MeanCVPercent": deep["MeanCVPercent"] if deep else None,

@@ -109,10 +109,22 @@ def _segmentation_methods(config) -> str:
         "are the argmax of the mean softmax, brought back to the T1w grid with trilinear interpolation; the "
         "voxel-wise predictive entropy maps the uncertainty; and the coefficient of variation (CV) of each "
         "structure's volume over the samples was computed, with a segmentation flagged when the mean CV over the "
-        "structures exceeds 1 % (T1w). Labels were merged into the aseg and CEREBRUM 7-class protocols and "
+        "structures exceeds the ensemble's threshold (calibrated on held-out scans of its cross-validation, else "
+        f"1 % for T1w).{_tta_sentence(seg.tta)} Labels were merged into the aseg and CEREBRUM 7-class protocols and "
         "resampled to the grid of the raw T1w with nearest-neighbour interpolation; volumes were counted on the "
         "T1w grid.\n\nSegmentation references\n" + SEGMENTATION_REFERENCES
     )
+
+
+def _tta_sentence(tta: str) -> str:
+    """The methods' sentence on the test-time augmentation ("" without one)."""
+    views = {"flip": "the image and its left-right mirror (labels swapped back)",
+             "shift": "the image on the model grid and on one shifted by half a model voxel",
+             "flip-shift": "four views: the image, its left-right mirror (labels swapped back), and both on a "
+                           "model grid shifted by half a model voxel"}
+    if tta not in views:
+        return ""
+    return f" The samples were spread evenly over {views[tta]}, and averaged back on the T1w grid."
 
 
 def _parcellation_methods(config) -> str:
@@ -131,7 +143,7 @@ def _parcellation_methods(config) -> str:
         f"{parc.protocol} label protocol) on the same input, with the same Monte-Carlo dropout estimate "
         f"({parc.mc_samples} samples, seed {config.random_seed}) and volume-CV quality control; voxels outside the "
         "intracranial mask were set to background, and the labels were resampled to the grid of the raw T1w with "
-        "nearest-neighbour interpolation." + refs
+        "nearest-neighbour interpolation." + _tta_sentence(parc.tta) + refs
     )
 
 

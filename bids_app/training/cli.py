@@ -74,10 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--degrade-subjects", type=int, default=0, help="test subjects per fold also run degraded")
     c.add_argument("--subjects", nargs="+", help="only these test subjects (e.g. OASIS-TRT-20-4)")
     c.add_argument("--jlf-only", action="store_true", help="run only the joint label fusion peer (no networks)")
+    c.add_argument("--tta", default="none", choices=["none", "flip", "shift", "flip-shift"],
+                   help="test-time augmentation of every network run (default none)")
 
     m = sub.add_parser("cv-merge", help="combine partial cross-validation runs into one summary")
     m.add_argument("parts", type=Path, nargs="+")
     m.add_argument("--out", type=Path, required=True)
+    m.add_argument("--methods", nargs="+", help="keep only these methods' rows (e.g. jlf)")
 
     q = sub.add_parser("calibrate-qc", help="QC thresholds of an ensemble from its cross-validation QC study, "
                                             "written into the members' manifests")
@@ -142,13 +145,13 @@ def main(argv: list[str] | None = None) -> int:
                              mc_samples=args.mc_samples, threads=args.threads, jlf_folds=args.jlf_folds,
                              jlf_subjects=args.jlf_subjects, degrade_subjects=args.degrade_subjects,
                              single_mc=args.single_mc, max_subjects=args.max_subjects, subjects=args.subjects,
-                             jlf_only=args.jlf_only)
+                             jlf_only=args.jlf_only, tta=args.tta)
             for method, protocols in summary["methods"].items():
                 print(method, " ".join(f"{p}={v['overall'].get('dice_mean')}" for p, v in protocols.items()))
         elif args.command == "cv-merge":
             from .crossval import merge_cv
 
-            summary = merge_cv(args.parts, args.out)
+            summary = merge_cv(args.parts, args.out, methods=args.methods)
             for method, protocols in summary["methods"].items():
                 print(method, " ".join(f"{p}={v['overall'].get('dice_mean')}" for p, v in protocols.items()))
         elif args.command == "calibrate-qc":

@@ -129,14 +129,17 @@ def jlf_segment(target: np.ndarray, atlases: list[tuple[np.ndarray, np.ndarray]]
 def run_cv(data: Path, runs: Path, out: Path, *, archs: list[str], folds: list[int] | None = None,
            k: int = 3, cv_seed: int = 0, mc_samples: int = 15, threads: int = 2, jlf_folds: list[int] = (),
            jlf_subjects: int = 5, degrade_subjects: int = 0, single_mc: int = 5,
-           max_subjects: int | None = None, subjects: list[str] | None = None, jlf_only: bool = False) -> dict:
+           max_subjects: int | None = None, subjects: list[str] | None = None, jlf_only: bool = False,
+           tta: str = "none") -> dict:
     """Cross-validate; writes ``<out>/cv_rows.tsv``, ``cv_summary.json`` and ``qc_study.tsv``.
 
     ``subjects`` keeps only these test subjects; ``jlf_only`` runs the joint-label-fusion peer alone
-    (no networks needed), e.g. to extend it to more subjects and merge with ``cv-merge``.
+    (no networks needed), e.g. to extend it to more subjects and merge with ``cv-merge``. ``tta`` is
+    the test-time augmentation of every network run (:data:`bids_app.models.segment.TTA_VIEWS`).
     """
-    from bids_app.models.segment import segment_volume
+    from bids_app.models.segment import segment_volume, tta_views
 
+    tta_views(tta)  # an unknown name fails before any work
     data, runs, out = Path(data), Path(runs), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cases = [c for c in load_cases(data, ["oasis"], "dkt-aseg") if c["kind"] == "real"]
@@ -159,7 +162,8 @@ def run_cv(data: Path, runs: Path, out: Path, *, archs: list[str], folds: list[i
             log.info("fold %d subject %s (%d/%d)", fold, subject, i + 1, len(split[fold]))
             if not jlf_only:
                 t0 = time.time()
-                result = segment_volume(image, members, mc_samples=mc_samples, num_threads=threads, device="cpu")
+                result = segment_volume(image, members, mc_samples=mc_samples, num_threads=threads, device="cpu",
+                                        tta=tta)
                 timing.setdefault("ensemble", []).append(time.time() - t0)
                 ens_rows = score(result.labels, ref, subject, "ensemble", result.protocol.name)
                 rows += ens_rows
@@ -168,7 +172,7 @@ def run_cv(data: Path, runs: Path, out: Path, *, archs: list[str], folds: list[i
                     for arch, member in zip(archs, members):
                         t0 = time.time()
                         single = segment_volume(image, [member], mc_samples=single_mc, num_threads=threads,
-                                                device="cpu")
+                                                device="cpu", tta=tta)
                         timing.setdefault(arch, []).append(time.time() - t0)
                         rows += score(single.labels, ref, subject, arch, single.protocol.name)
             if jlf_only or (fold in jlf_folds and i < jlf_subjects):
@@ -180,12 +184,12 @@ def run_cv(data: Path, runs: Path, out: Path, *, archs: list[str], folds: list[i
             if not jlf_only and i < degrade_subjects:
                 for kind in DEGRADATIONS:
                     res = segment_volume(degrade(image, kind, seed=i), members, mc_samples=mc_samples,
-                                         num_threads=threads, device="cpu")
+                                         num_threads=threads, device="cpu", tta=tta)
                     d_rows = score(res.labels, ref, subject, f"ensemble-{kind}", res.protocol.name)
                     rows += d_rows
                     qc.append(_qc_row(subject, fold, kind, res, d_rows))
-            _write(out, rows, qc, timing, archs, mc_samples, split, folds)
-    return _write(out, rows, qc, timing, archs, mc_samples, split, folds)
+            _write(out, rows, qc, timing, archs, mc_samples, split, folds, tta)
+    return _write(out, rows, qc, timing, archs, mc_samples, split, folds, tta)
 
 
 def _qc_row(subject: str, fold: int, condition: str, result, score_rows: list[dict]) -> dict:
@@ -231,7 +235,7 @@ def _write_table(rows: list[dict], path: Path) -> None:
         Path(tmp).write_text("\n".join(lines) + "\n")
 
 
-def _write(out: Path, rows, qc, timing, archs, mc_samples, split, folds) -> dict:
+def _write(out: Path, rows, qc, timing, archs, mc_samples, split, folds, tta: str = "none") -> dict:
     summary: dict = {"folds": {str(f): split[f] for f in folds}, "mc_samples": mc_samples, "members": archs,
                      "reference": "OASIS-TRT-20 manual DKT cortex + FreeSurfer (silver) subcortical labels, 1 mm",
                      "methods": {}}
@@ -250,7 +254,8 @@ def _write(out: Path, rows, qc, timing, archs, mc_samples, split, folds) -> dict
                                "conditions": sorted({q["condition"] for q in qc})}
     with atomic_output(out / "cv_raw.json") as tmp:
         Path(tmp).write_text(json.dumps({"rows": rows, "qc": qc, "timing": timing, "archs": archs,
-                                         "mc_samples": mc_samples, "split": split, "folds": list(folds)},
+                                         "mc_samples": mc_samples, "tta": tta, "split": split,
+                                         "folds": list(folds)},
                                         default=float) + "\n")
     _write_table(rows, out / "cv_rows.tsv")
     _write_table([{k: v for k, v in q.items() if k != "structure_cv"} for q in qc], out / "qc_study.tsv")
@@ -259,21 +264,39 @@ def _write(out: Path, rows, qc, timing, archs, mc_samples, split, folds) -> dict
     return summary
 
 
-def merge_cv(parts: list[Path], out: Path) -> dict:
-    """Combine the ``cv_raw.json`` of several partial runs (e.g. folds run in parallel) into one summary."""
+def merge_cv(parts: list[Path], out: Path, methods: list[str] | None = None) -> dict:
+    """Combine the ``cv_raw.json`` of several partial runs (e.g. folds run in parallel) into one summary.
+
+    ``methods`` keeps only the rows (and timings) of these methods, e.g. ``["jlf"]`` to gather the
+    joint-label-fusion peer of runs that also scored networks; the QC study is then left out unless
+    ``ensemble`` is among them.
+    """
     rows, qc, timing, folds = [], [], {}, []
     raw = None
+    ttas = set()
     for part in parts:
         raw = json.loads((Path(part) / "cv_raw.json").read_text())
-        rows += raw["rows"]
-        qc += raw["qc"]
-        folds += raw["folds"]
+        kept = [r for r in raw["rows"] if methods is None or r["method"] in methods]
+        if any(r["method"] != "jlf" for r in kept):
+            ttas.add(raw.get("tta", "none"))
+        rows += kept
+        if methods is None or "ensemble" in methods:
+            qc += raw["qc"]
+        if methods is None:
+            folds += raw["folds"]
+        else:  # the folds whose test subjects have kept rows
+            scored = {r["subject"] for r in kept}
+            folds += [k for k, subjects in enumerate(raw["split"]) if scored & set(subjects)]
         for key, values in raw["timing"].items():
-            timing.setdefault(key, []).extend(values)
+            if methods is None or key in methods:
+                timing.setdefault(key, []).extend(values)
     if raw is None:
         raise ValueError("nothing to merge")
+    if len(ttas) > 1:
+        raise ValueError(f"the runs used different test-time augmentations: {sorted(ttas)}")
     Path(out).mkdir(parents=True, exist_ok=True)
-    return _write(Path(out), rows, qc, timing, raw["archs"], raw["mc_samples"], raw["split"], sorted(folds))
+    return _write(Path(out), rows, qc, timing, raw["archs"], raw["mc_samples"], raw["split"], sorted(set(folds)),
+                  ttas.pop() if ttas else "none")
 
 
 def _study_dice(row: dict) -> float:
@@ -293,8 +316,10 @@ def calibrate_qc(parts: list[Path], ensemble: list[str], *, modality: str = "T1w
     """
     qc: list[dict] = []
     mc = set()
+    ttas = set()
     for part in parts:
         raw = json.loads((Path(part) / "cv_raw.json").read_text())
+        ttas.add(raw.get("tta", "none"))
         rows = [q for q in raw["qc"] if method is None or q.get("method") == method]
         if method is not None and not rows:
             raise ValueError(f"{part}: no QC-study rows of method {method!r} (found: "
@@ -311,6 +336,8 @@ def calibrate_qc(parts: list[Path], ensemble: list[str], *, modality: str = "T1w
                          "(re-run `arborseg-train cv` with this version)")
     if len(mc) != 1:
         raise ValueError(f"the runs used different MC sample counts: {sorted(mc)}")
+    if len(ttas) != 1:
+        raise ValueError(f"the runs used different test-time augmentations: {sorted(ttas)}")
     protocols = {}
     for name in clean[0]["structure_cv"]:
         proto = load_protocol(name)
@@ -327,7 +354,7 @@ def calibrate_qc(parts: list[Path], ensemble: list[str], *, modality: str = "T1w
     study["pearson_r_cv_vs_dice"] = round(pearson(np.array([q["mean_cv_percent"] for q in qc], dtype=float),
                                               np.array(dice, dtype=float)), 4)
     study["subjects"] = sorted({q["subject"] for q in clean})
-    return {"ensemble": sorted(ensemble), "modality": modality, "mc_samples": mc.pop(),
+    return {"ensemble": sorted(ensemble), "modality": modality, "mc_samples": mc.pop(), "tta": ttas.pop(),
             "method": f"per structure and for the mean CV: max(mean + {n_sd:g} SD, max) of the CVs of "
                       f"{len(clean)} clean held-out OASIS-TRT-20 scans (cross-validation)",
             "study_method": method,

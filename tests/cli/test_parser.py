@@ -71,3 +71,31 @@ def test_switches_reach_the_run_config(tmp_path, monkeypatch, no_package_models)
     installed = config()
     assert installed.parcellation.checkpoints == (parc.resolve(),) and installed.parcellation.origin == "installed"
     assert installed.segmentation.checkpoints == (wb.resolve(),)
+
+
+def test_tta_option_default_follows_the_mc_samples(tmp_path, monkeypatch, no_package_models):
+    from tests.conftest import tiny_wholebrain_checkpoint
+
+    monkeypatch.setenv("ARBORSEG_MODELS_DIR", str(tmp_path / "none"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bids").mkdir()
+    wb = tiny_wholebrain_checkpoint(tmp_path / "wb")
+
+    def config(*extra):
+        return build_config(_parse("--seg-models", wb, *extra), [])[0]
+
+    assert config().segmentation.tta == "flip-shift" and config().parcellation.tta == "flip-shift"
+    assert config("--mc-samples", "3").segmentation.tta == "flip"  # the largest that the samples allow
+    assert config("--mc-samples", "1").segmentation.tta == "none"
+    assert config("--tta", "shift", "--mc-samples", "2").segmentation.tta == "shift"
+    assert config("--tta", "none").segmentation.tta == "none"
+    assert "tta = \"none\"" in config("--tta", "none").to_toml()
+
+
+def test_tta_needs_as_many_samples_as_views(capsys):
+    with pytest.raises(SystemExit) as exc:
+        _parse("--tta", "flip-shift", "--mc-samples", "3")
+    assert exc.value.code == EXIT_USAGE
+    assert "flip-shift has 4 views" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _parse("--tta", "rotate")

@@ -90,6 +90,25 @@ def test_samples_warning_and_class_thresholds():
     from bids_app.core.qc_calibration import class_thresholds, samples_warning
 
     assert samples_warning(None, 15) is None and samples_warning({"mc_samples": 15}, 15) is None
-    assert "calibrated with 15 MC samples, this run draws 5" in samples_warning({"mc_samples": 15}, 5)
+    assert "calibrated with 15 MC samples (this run draws 5)" in samples_warning({"mc_samples": 15}, 5)
+    # a calibration without a test-time augmentation was made without one
+    assert samples_warning({"mc_samples": 15}, 15, "none") is None
+    assert "test-time augmentation none (this run: flip-shift)" in samples_warning({"mc_samples": 15}, 15, "flip-shift")
+    both = samples_warning({"mc_samples": 15, "tta": "flip"}, 5, "none")
+    assert "15 MC samples" in both and "test-time augmentation flip" in both
     assert class_thresholds(None, 2.0, 3).tolist() == [2.0, 2.0, 2.0]
     assert class_thresholds([1.0, 4.0], 2.0, 2).tolist() == [1.0, 4.0]
+
+
+def test_calibrations_of_each_test_time_augmentation_are_kept_and_the_matching_one_is_found():
+    from bids_app.core.qc_calibration import with_calibration
+
+    plain = {"ensemble": ["a", "b"], "modality": "T1w", "mc_samples": 15, "protocols": {"p": {"mean_cv_threshold_percent": 1.0}}}
+    views = dict(plain, tta="flip-shift", protocols={"p": {"mean_cv_threshold_percent": 4.0}})
+    manifest = with_calibration(with_calibration({"name": "a"}, plain), views)
+    assert len(manifest["qc_calibration"]) == 2  # another augmentation is another calibration, not a replacement
+    assert find_calibration([manifest], ["a", "b"], "T1w", "flip-shift")["tta"] == "flip-shift"
+    assert "tta" not in find_calibration([manifest], ["a", "b"], "T1w", "none")
+    # no calibration with this augmentation: one with another is used (the segmentation warns)
+    only_views = with_calibration({"name": "a"}, views)
+    assert find_calibration([only_views], ["a", "b"], "T1w", "flip")["tta"] == "flip-shift"

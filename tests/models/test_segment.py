@@ -11,6 +11,8 @@ from torch import nn
 
 from bids_app.models.checkpoint import ModelError
 from bids_app.models.segment import (
+    DEFAULT_TTA,
+    TTA_VIEWS,
     block_mean,
     coarse_cv,
     coarse_labels,
@@ -23,6 +25,8 @@ from bids_app.models.segment import (
     upsample,
     validate_parcellation_checkpoints,
     validate_wholebrain_checkpoints,
+    view_samples,
+    view_seed,
 )
 from tests.conftest import tiny_parcellation_checkpoint, tiny_wholebrain_checkpoint
 
@@ -265,3 +269,94 @@ def test_default_and_validate_parcellation_models(tmp_path, monkeypatch, checkpo
     deep = tiny_wholebrain_checkpoint(tmp_path / "deep", protocol="deep14")
     with pytest.raises(ModelError, match="cannot be merged into 'aseg'"):
         validate_parcellation_checkpoints([deep])
+
+
+# --------------------------------------------------------------------------- test-time augmentation
+
+
+class HalvesModel(nn.Module):
+    """Three classes: 'Left-thing' in the first half of the grid's first axis (RAS x: the left), 'Right-thing'
+    in the second half, whatever the input; every input it sees is kept."""
+
+    n_classes = 3
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(x.detach().clone())
+        n = x.shape[2]
+        first = (torch.arange(n) < n // 2).float().view(1, 1, n, 1, 1).expand(x.shape[0], 1, *x.shape[2:])
+        p = torch.cat([torch.full_like(first, 0.1), 0.8 * first + 0.05, 0.8 * (1 - first) + 0.05], dim=1)
+        return torch.log(p)
+
+
+def _lateral_manifest():
+    manifest = _toy_manifest(2.0, name="halves")
+    manifest["label_protocol"] = {"name": "toy-lr", "labels": [
+        {"index": 0, "name": "background"}, {"index": 1, "name": "Left-thing"}, {"index": 2, "name": "Right-thing"}]}
+    return manifest
+
+
+def test_view_samples_and_seeds():
+    assert view_samples(15, 4) == [4, 4, 4, 3] and view_samples(15, 2) == [8, 7] and view_samples(3, 1) == [3]
+    assert sum(view_samples(17, 4)) == 17
+    assert view_seed(42, 0) == 42 and len({view_seed(42, v) for v in range(4)}) == 4
+    assert set(TTA_VIEWS) == {"none", "flip", "shift", "flip-shift"} and DEFAULT_TTA in TTA_VIEWS
+
+
+def test_flip_view_mirrors_back_and_swaps_left_and_right():
+    image = _image(shape=(20, 8, 6))
+    model = HalvesModel()
+    plain = segment_volume(image, [model], manifests=[_lateral_manifest()], mc_samples=2, device="cpu", tta="none")
+    flipped = segment_volume(image, [model], manifests=[_lateral_manifest()], mc_samples=2, device="cpu", tta="flip")
+    # the second view saw the mirrored model-grid image
+    np.testing.assert_allclose(model.seen[-1][0, 0].numpy(), block_mean(image, (2, 2, 2))[::-1], rtol=1e-6)
+    # a model that puts the left structure on the left in both views: mirrored back and swapped, the views agree
+    np.testing.assert_allclose(flipped.probabilities, plain.probabilities, atol=1e-6)
+    np.testing.assert_array_equal(flipped.labels, plain.labels)
+    assert (plain.labels[:10] == 1).all() and (plain.labels[10:] == 2).all()
+    np.testing.assert_allclose(flipped.mc_volumes_mm3, plain.mc_volumes_mm3)
+    assert flipped.tta == "flip" and plain.tta == "none"
+    # a mirror without the class swap would have mixed left and right: the probabilities show they were swapped
+    assert flipped.probabilities[1, 0, 4, 3] > 0.8
+
+
+def test_flip_view_averages_a_fixed_ramp_with_its_mirror():
+    image = _image(shape=(21, 8, 7))
+    res = segment_volume(image, [FixedPattern()], manifests=[_toy_manifest(2.0)], mc_samples=2, device="cpu",
+                         tta="flip")
+    ramp = np.linspace(0.1, 0.9, 11)
+    expected = _trilinear_1d(0.5 * (ramp + ramp[::-1]), 2, 21)
+    np.testing.assert_allclose(res.probabilities[1], np.broadcast_to(expected[:, None, None], (21, 8, 7)), atol=1e-5)
+    # the entropy is that of the combined probabilities
+    np.testing.assert_allclose(res.entropy[:, 3, 3], -(expected * np.log(expected) + (1 - expected) *
+                                                         np.log(1 - expected)), atol=1e-5)
+
+
+def test_shift_view_samples_the_image_half_a_model_voxel_later():
+    image = _image(shape=(21, 8, 7))
+    model = FixedPattern()
+    res = segment_volume(image, [model], manifests=[_toy_manifest(2.0)], mc_samples=3, device="cpu", tta="shift")
+    # view 1 (the last one run) saw the block means of the image padded by one voxel at the start of every axis
+    np.testing.assert_allclose(model.seen[0, 0].numpy(), block_mean(np.pad(image, ((1, 0),) * 3), (2, 2, 2)), rtol=1e-6)
+    assert tuple(model.seen.shape[2:]) == (11, 5, 4)
+    ramp = np.linspace(0.1, 0.9, 11)
+    unshifted = _trilinear_1d(ramp, 2, 21)
+    shifted = _trilinear_1d(ramp, 2, 22)[1:]  # up-sampled on the padded grid, cropped back
+    expected = (2 * unshifted + 1 * shifted) / 3  # 2 samples in view 0, 1 in view 1
+    np.testing.assert_allclose(res.probabilities[1], np.broadcast_to(expected[:, None, None], (21, 8, 7)), atol=1e-5)
+    assert res.mc_volumes_mm3.shape == (3, 2)
+
+
+def test_flip_shift_spreads_the_samples_and_checks_their_number(checkpoint):
+    res = segment_volume(_image(), [checkpoint], mc_samples=5, seed=1, device="cpu", num_threads=1, tta="flip-shift")
+    assert res.mc_volumes_mm3.shape == (5, 33) and res.tta == "flip-shift"
+    np.testing.assert_allclose(res.probabilities.sum(axis=0), 1.0, atol=1e-5)
+    again = segment_volume(_image(), [checkpoint], mc_samples=5, seed=1, device="cpu", num_threads=1, tta="flip-shift")
+    np.testing.assert_array_equal(again.probabilities, res.probabilities)
+    with pytest.raises(ValueError, match="4 views"):
+        segment_volume(_image(), [checkpoint], mc_samples=3, device="cpu", tta="flip-shift")
+    with pytest.raises(ValueError, match="unknown test-time augmentation"):
+        segment_volume(_image(), [checkpoint], mc_samples=3, device="cpu", tta="rotate")

@@ -13,7 +13,7 @@ from bids_app.training.crossval import calibrate_qc
 from tests.conftest import tiny_wholebrain_checkpoint
 
 
-def _study(folder, mean_cvs, conditions, mc_samples=15):
+def _study(folder, mean_cvs, conditions, mc_samples=15, tta=None):
     rng = np.random.default_rng(0)
     qc = []
     for i, (mcv, condition) in enumerate(zip(mean_cvs, conditions)):
@@ -26,7 +26,10 @@ def _study(folder, mean_cvs, conditions, mc_samples=15):
         qc.append({"subject": f"s{i}", "fold": 0, "condition": condition, "mean_cv_percent": mcv,
                    "aseg_mean_dice": 0.8 - 0.02 * (mcv - 6), "qc_flag": "warn", "structure_cv": structure_cv})
     folder.mkdir(parents=True)
-    (folder / "cv_raw.json").write_text(json.dumps({"qc": qc, "mc_samples": mc_samples}))
+    raw = {"qc": qc, "mc_samples": mc_samples}
+    if tta is not None:
+        raw["tta"] = tta
+    (folder / "cv_raw.json").write_text(json.dumps(raw))
     return folder
 
 
@@ -109,3 +112,40 @@ def test_calibrate_qc_keeps_the_rows_of_the_ensembles_folds(tmp_path):
     assert calibrate_qc([part], ["m"])["study"]["clean_scans"] == 6
     with pytest.raises(ValueError, match=r"no QC-study rows of fold\(s\) \[2\]"):
         calibrate_qc([part], ["m"], folds=[2])
+
+
+def test_calibration_records_the_test_time_augmentation_of_the_study(tmp_path):
+    plain = _study(tmp_path / "plain", [6.0, 7.0, 8.0], ["clean"] * 3)  # a study of an older version: none
+    views = _study(tmp_path / "views", [6.0, 7.0, 8.0], ["clean"] * 3, tta="flip-shift")
+    assert calibrate_qc([plain], ["m"])["tta"] == "none"
+    assert calibrate_qc([views], ["m"])["tta"] == "flip-shift"
+    with pytest.raises(ValueError, match="test-time augmentations"):
+        calibrate_qc([plain, views], ["m"])
+
+
+def test_cv_merge_keeps_only_the_methods_asked_for(tmp_path):
+    from bids_app.training.crossval import merge_cv
+
+    def row(subject, method, dice):
+        return {"subject": subject, "label": 10, "name": "Left-Thalamus", "dice": dice, "hd95_mm": 2.0,
+                "assd_mm": 0.5, "volumetric_similarity": 0.95, "f2": dice, "balanced_accuracy": 0.9,
+                "volume_pred_mm3": 8000.0, "volume_ref_mm3": 7900.0, "method": method, "protocol": "deep14"}
+
+    split = [["s1"], ["s2"], ["s3"]]
+    parts = []
+    for k, (subject, methods) in enumerate([("s1", ["ensemble", "jlf"]), ("s2", ["jlf"]), ("s3", ["ensemble"])]):
+        part = tmp_path / f"part{k}"
+        part.mkdir()
+        raw = {"rows": [row(subject, m, 0.8 if m == "jlf" else 0.9) for m in methods], "qc": [],
+               "timing": {m: [100.0 if m == "jlf" else 10.0] for m in methods}, "archs": ["unet"], "mc_samples": 15,
+               "split": split, "folds": [k], "tta": "flip-shift"}
+        (part / "cv_raw.json").write_text(json.dumps(raw))
+        parts.append(part)
+    summary = merge_cv(parts, tmp_path / "jlf", methods=["jlf"])
+    assert list(summary["methods"]) == ["jlf"]
+    assert summary["methods"]["jlf"]["deep14"]["overall"]["dice_mean"] == pytest.approx(0.8)
+    assert summary["seconds_per_subject"] == {"jlf": 100.0}
+    raw = json.loads((tmp_path / "jlf" / "cv_raw.json").read_text())
+    assert raw["folds"] == [0, 1] and {r["subject"] for r in raw["rows"]} == {"s1", "s2"}
+    everything = merge_cv(parts, tmp_path / "all")
+    assert set(everything["methods"]) == {"ensemble", "jlf"}
