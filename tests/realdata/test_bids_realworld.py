@@ -104,6 +104,8 @@ def test_wholebrain_segmentation_is_sensible(realworld, sub):
     assert qc["Sources"]
     # the shipped ensemble at the default MC-15 has its own thresholds, not the 1 % T1w default
     assert qc["QCCalibration"]["Calibrated"] is True and qc["QCThresholdPercent"] > 1.0
+    # the default test-time augmentation, and thresholds calibrated with that same augmentation
+    assert qc["TestTimeAugmentation"] == qc["QCCalibration"]["TestTimeAugmentation"] == "flip-shift"
     # the clinical scan's 5.5 mm slices are coarser than the 2 mm model grid: reported, whatever the CV says
     geometry = qc["InputResolution"]
     assert geometry["Flag"] == ("warn" if sub == "tcga6692" else "pass"), geometry
