@@ -179,6 +179,7 @@ def test_reports_only_and_group(e2e, capsys):
     rows = [dict(zip(header, ln.split("\t"))) for ln in qc[1:]]
     assert sorted(r["label"] for r in rows) == ["sub-phantom01", "sub-phantom02"]
     assert all(r["qc_flag"] in ("pass", "warn") and r["mc_samples"] == "2" for r in rows)
+    assert all(r["tta"] == "flip" for r in rows)  # the default TTA that 2 samples allow
     for r in rows:  # the input-geometry check of each subject's QC JSON, gathered
         qc_json = json.loads(next((out / r["label"] / "anat").glob("*_seg-wholebrain_qc.json")).read_text())
         assert r["input_flag"] == qc_json["InputResolution"]["Flag"]
