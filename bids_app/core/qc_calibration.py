@@ -116,7 +116,7 @@ def find_calibration(manifests: Sequence[Mapping], names: Sequence[str], modalit
 
 
 def with_calibration(manifest: Mapping, calibration: Mapping) -> dict:
-    """A copy of ``manifest`` holding ``calibration``, replacing one for the same ensemble and modality."""
+    """A copy of ``manifest`` holding ``calibration``, replacing one for the same ensemble, modality and TTA."""
     wanted = sorted(map(str, calibration.get("ensemble") or []))
     kept = [c for c in calibrations_of(manifest)
             if not _matches(c, wanted, calibration.get("modality", "T1w"), calibration.get("tta", "none"))]
