@@ -478,6 +478,7 @@ def segment_volume(
     volumes: np.ndarray | None = None
     timings = {"load_s": t_loaded - t_start, "resample_s": 0.0, "mc_s": 0.0, "upsample_s": 0.0}
     swap = np.asarray(protocol.lr_swap(), dtype=np.int64) if any(m for m, _ in views) else None
+    single = len(groups) == 1 and len(views) == 1  # one model grid, one MC run: its own entropy is the answer
     for vox, indices in groups.items():
         weight = len(indices) / len(members)
         factors = _integer_factors(vox, image_vox)
@@ -492,9 +493,10 @@ def segment_volume(
                 shifts.append(tuple(f // 2 for f in factors))
         group_volumes: list[tuple[int, np.ndarray]] = []
         for shifted in (False, True):
-            mine = [(v, mirrored) for v, (mirrored, s) in enumerate(views) if s == shifted and counts[v] > 0]
+            mine = [(v, mirrored) for v, (mirrored, s) in enumerate(views) if s == shifted]
             if not mine:
                 continue
+            n_here = sum(counts[v] for v, _ in mine)
             offset = shifts[1] if shifted else shifts[0]
             t0 = time.perf_counter()
             source = np.pad(image, [(o, 0) for o in offset]) if any(offset) else image
@@ -504,7 +506,7 @@ def segment_volume(
             log.info("whole-brain segmentation: %d model(s) at %s mm on a %s grid (%s%s), %d MC samples",
                      len(indices), "x".join(f"{v:g}" for v in vox), "x".join(map(str, x.shape)),
                      f"block mean {factors}" if factors else "linear zoom",
-                     f", offset {offset} voxels" if any(offset) else "", sum(counts[v] for v, _ in mine))
+                     f", offset {offset} voxels" if any(offset) else "", n_here)
             mean: np.ndarray | None = None
             for v, mirrored in mine:
                 xv = np.ascontiguousarray(x[::-1]) if mirrored else x
@@ -518,28 +520,25 @@ def segment_volume(
                 if mirrored:  # back to the unmirrored grid, every class in its mirror's place
                     p, vols = np.ascontiguousarray(p[swap][:, ::-1]), vols[:, swap]
                 if len(mine) > 1:  # sample-weighted mean of this grid's views
-                    p *= np.float32(counts[v] / sum(counts[u] for u, _ in mine))
+                    p *= np.float32(counts[v] / n_here)
                 if mean is None:
                     mean = p
                 else:
                     mean += p
                 group_volumes.append((v, vols * weight))
-                if len(groups) == 1 and len(views) == 1:
-                    entropy_coarse = mc.entropy
+                if single:
+                    entropy = upsample(mc.entropy[None], shape, factors)[0]
                 del mc, p
             assert mean is not None
-            n_here = sum(counts[v] for v, _ in mine)
             del x
             t2 = time.perf_counter()
             share = weight * n_here / mc_samples
-            if len(groups) == 1 and len(views) == 1 and factors == (1, 1, 1):
+            if single and factors == (1, 1, 1):
                 probs = mean  # already on the image grid: no second copy of the largest array
             else:
                 if probs is None:
                     probs = np.zeros((k_total,) + shape, dtype=np.float32)
                 _upsample_into(probs, mean, factors, share, accumulate=True, offset=offset)
-            if len(groups) == 1 and len(views) == 1:
-                entropy = upsample(entropy_coarse[None], shape, factors)[0]
             del mean
             timings["resample_s"] += t1 - t0
             timings["mc_s"] += t2 - t1
@@ -561,7 +560,7 @@ def segment_volume(
     classes = probs.argmax(axis=0)
     labels = protocol.to_labels(classes)
     del classes
-    if len(groups) > 1 or len(views) > 1:
+    if not single:
         entropy = predictive_entropy(probs)  # 0 outside the mask: the probabilities are one-hot there
     _, _, cv = volume_statistics(volumes)
     background = 0 if protocol.indices and protocol.indices[0] == 0 else None
