@@ -78,6 +78,7 @@ from ..core.labels import (
     merge_chain,
     merged_probabilities,
 )
+from ..core.refinement import REFINEMENTS, refine_probabilities
 from ..core.qc_calibration import class_thresholds, find_calibration, protocol_thresholds, samples_warning
 from .checkpoint import (ModelError, _read_manifest, _split_path, models_with_task, validate_manifest,
                          verify_checkpoint)
@@ -137,6 +138,8 @@ class SegmentationResult:
     qc_calibration: dict | None = None
     #: test-time augmentation (a key of :data:`TTA_VIEWS`)
     tta: str = "none"
+    #: refinement of the probabilities (a key of :data:`bids_app.core.refinement.REFINEMENTS`)
+    refinement: str = "none"
 
     @property
     def volume_mean_mm3(self) -> np.ndarray:
@@ -409,6 +412,7 @@ def segment_volume(
     threshold: float | None = None,
     mask: np.ndarray | None = None,
     tta: str = "none",
+    refinement: str = "none",
 ) -> SegmentationResult:
     """Segment a conformed, normalised ``(X, Y, Z)`` image with an MC-dropout ensemble.
 
@@ -427,6 +431,10 @@ def segment_volume(
             The MC-sample volumes of the QC (model grid) are not masked.
         tta: test-time augmentation, ``none``, ``flip``, ``shift`` or ``flip-shift`` (the module
             docstring says what each does); the MC samples are spread over its views.
+        refinement: ``intensity`` refines the combined image-grid probabilities with the image's own
+            intensities (:func:`bids_app.core.refinement.refine_probabilities`, inside ``mask`` or,
+            without one, where the image is non-zero) before the labels are taken; ``none`` does not.
+            The entropy and the QC stay the networks' own.
     """
     from .mcdropout import mean_cv, mc_dropout, predictive_entropy, qc_flag, qc_threshold, volume_statistics
 
@@ -438,6 +446,8 @@ def segment_volume(
         raise ValueError("the image contains NaN or Inf values")
     image_vox = _voxel_triplet(image_voxel_mm)
     views = tta_views(tta)
+    if refinement not in REFINEMENTS:
+        raise ValueError(f"unknown refinement {refinement!r}; choose one of {', '.join(REFINEMENTS)}")
     if mc_samples < len(views):
         raise ValueError(f"test-time augmentation {tta!r} has {len(views)} views: it needs at least that many MC "
                          f"samples, got {mc_samples}")
@@ -553,6 +563,12 @@ def segment_volume(
     np.maximum(total, np.float32(1e-12), out=total)
     probs /= total[None]
     del total
+    if refinement == "intensity":
+        if not single:
+            entropy = predictive_entropy(probs)  # the networks' own uncertainty, not the refinement's
+        t_refine = time.perf_counter()
+        refine_probabilities(probs, image, mask=~outside if outside is not None else None)
+        timings["refine_s"] = time.perf_counter() - t_refine
     if outside is not None and outside.any():
         force_background(probs, outside, protocol)
         entropy = np.asarray(entropy, dtype=np.float32)
@@ -560,7 +576,7 @@ def segment_volume(
     classes = probs.argmax(axis=0)
     labels = protocol.to_labels(classes)
     del classes
-    if not single:
+    if not single and refinement == "none":
         entropy = predictive_entropy(probs)  # 0 outside the mask: the probabilities are one-hot there
     _, _, cv = volume_statistics(volumes)
     background = 0 if protocol.indices and protocol.indices[0] == 0 else None
@@ -582,7 +598,7 @@ def segment_volume(
         cv_percent=cv, mean_cv_percent=mcv, qc_flag=flag, qc_threshold=limit, models=names, timings=timings,
         mc_volumes_mm3=volumes, n_samples=int(mc_samples), seed=int(seed), modality=modality,
         voxel_size_mm=image_vox, model_voxel_sizes_mm=list(groups), manifests=[m for _, m in members],
-        structure_thresholds=per_class, qc_calibration=calibration, tta=tta,
+        structure_thresholds=per_class, qc_calibration=calibration, tta=tta, refinement=refinement,
     )
 
 
@@ -699,5 +715,6 @@ def coarser(result: SegmentationResult, protocol_name: str) -> SegmentationResul
         timings=dict(result.timings), mc_volumes_mm3=volumes, n_samples=result.n_samples, seed=result.seed,
         modality=result.modality, voxel_size_mm=result.voxel_size_mm,
         model_voxel_sizes_mm=list(result.model_voxel_sizes_mm), manifests=list(result.manifests),
-        structure_thresholds=per_class, qc_calibration=result.qc_calibration,
+        structure_thresholds=per_class, qc_calibration=result.qc_calibration, tta=result.tta,
+        refinement=result.refinement,
     )

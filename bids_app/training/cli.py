@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--jlf-only", action="store_true", help="run only the joint label fusion peer (no networks)")
     c.add_argument("--tta", default="none", choices=["none", "flip", "shift", "flip-shift"],
                    help="test-time augmentation of every network run (default none)")
+    c.add_argument("--refinement", default="none", choices=["intensity", "none"],
+                   help="refinement of every network run's probabilities (default none)")
 
     m = sub.add_parser("cv-merge", help="combine partial cross-validation runs into one summary")
     m.add_argument("parts", type=Path, nargs="+")
@@ -145,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                              mc_samples=args.mc_samples, threads=args.threads, jlf_folds=args.jlf_folds,
                              jlf_subjects=args.jlf_subjects, degrade_subjects=args.degrade_subjects,
                              single_mc=args.single_mc, max_subjects=args.max_subjects, subjects=args.subjects,
-                             jlf_only=args.jlf_only, tta=args.tta)
+                             jlf_only=args.jlf_only, tta=args.tta, refinement=args.refinement)
             for method, protocols in summary["methods"].items():
                 print(method, " ".join(f"{p}={v['overall'].get('dice_mean')}" for p, v in protocols.items()))
         elif args.command == "cv-merge":

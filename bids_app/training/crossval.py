@@ -31,6 +31,7 @@ from bids_app.core import qc_calibration
 from bids_app.core.intensity import normalise_intensity
 from bids_app.core.labels import load_protocol, merge_labels
 from bids_app.core.metrics import pearson
+from bids_app.core.refinement import REFINEMENTS
 from bids_app.evaluate import evaluate_arrays, summarise_rows
 
 from .prepare import block_mean, block_mode
@@ -130,16 +131,20 @@ def run_cv(data: Path, runs: Path, out: Path, *, archs: list[str], folds: list[i
            k: int = 3, cv_seed: int = 0, mc_samples: int = 15, threads: int = 2, jlf_folds: list[int] = (),
            jlf_subjects: int = 5, degrade_subjects: int = 0, single_mc: int = 5,
            max_subjects: int | None = None, subjects: list[str] | None = None, jlf_only: bool = False,
-           tta: str = "none") -> dict:
+           tta: str = "none", refinement: str = "none") -> dict:
     """Cross-validate; writes ``<out>/cv_rows.tsv``, ``cv_summary.json`` and ``qc_study.tsv``.
 
     ``subjects`` keeps only these test subjects; ``jlf_only`` runs the joint-label-fusion peer alone
     (no networks needed), e.g. to extend it to more subjects and merge with ``cv-merge``. ``tta`` is
-    the test-time augmentation of every network run (:data:`bids_app.models.segment.TTA_VIEWS`).
+    the test-time augmentation of every network run (:data:`bids_app.models.segment.TTA_VIEWS`),
+    ``refinement`` its refinement (:data:`bids_app.core.refinement.REFINEMENTS`).
     """
     from bids_app.models.segment import segment_volume, tta_views
 
     tta_views(tta)  # an unknown name fails before any work
+    if refinement not in REFINEMENTS:
+        raise ValueError(f"unknown refinement {refinement!r}; choose one of {', '.join(REFINEMENTS)}")
+    run = dict(num_threads=threads, device="cpu", tta=tta, refinement=refinement)
     data, runs, out = Path(data), Path(runs), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cases = [c for c in load_cases(data, ["oasis"], "dkt-aseg") if c["kind"] == "real"]
@@ -162,8 +167,7 @@ def run_cv(data: Path, runs: Path, out: Path, *, archs: list[str], folds: list[i
             log.info("fold %d subject %s (%d/%d)", fold, subject, i + 1, len(split[fold]))
             if not jlf_only:
                 t0 = time.time()
-                result = segment_volume(image, members, mc_samples=mc_samples, num_threads=threads, device="cpu",
-                                        tta=tta)
+                result = segment_volume(image, members, mc_samples=mc_samples, **run)
                 timing.setdefault("ensemble", []).append(time.time() - t0)
                 ens_rows = score(result.labels, ref, subject, "ensemble", result.protocol.name)
                 rows += ens_rows
@@ -171,8 +175,7 @@ def run_cv(data: Path, runs: Path, out: Path, *, archs: list[str], folds: list[i
                 if len(archs) > 1:
                     for arch, member in zip(archs, members):
                         t0 = time.time()
-                        single = segment_volume(image, [member], mc_samples=single_mc, num_threads=threads,
-                                                device="cpu", tta=tta)
+                        single = segment_volume(image, [member], mc_samples=single_mc, **run)
                         timing.setdefault(arch, []).append(time.time() - t0)
                         rows += score(single.labels, ref, subject, arch, single.protocol.name)
             if jlf_only or (fold in jlf_folds and i < jlf_subjects):
@@ -183,13 +186,12 @@ def run_cv(data: Path, runs: Path, out: Path, *, archs: list[str], folds: list[i
                 rows += score(fused, ref, subject, "jlf")
             if not jlf_only and i < degrade_subjects:
                 for kind in DEGRADATIONS:
-                    res = segment_volume(degrade(image, kind, seed=i), members, mc_samples=mc_samples,
-                                         num_threads=threads, device="cpu", tta=tta)
+                    res = segment_volume(degrade(image, kind, seed=i), members, mc_samples=mc_samples, **run)
                     d_rows = score(res.labels, ref, subject, f"ensemble-{kind}", res.protocol.name)
                     rows += d_rows
                     qc.append(_qc_row(subject, fold, kind, res, d_rows))
-            _write(out, rows, qc, timing, archs, mc_samples, split, folds, tta)
-    return _write(out, rows, qc, timing, archs, mc_samples, split, folds, tta)
+            _write(out, rows, qc, timing, archs, mc_samples, split, folds, tta, refinement)
+    return _write(out, rows, qc, timing, archs, mc_samples, split, folds, tta, refinement)
 
 
 def _qc_row(subject: str, fold: int, condition: str, result, score_rows: list[dict]) -> dict:
@@ -235,8 +237,10 @@ def _write_table(rows: list[dict], path: Path) -> None:
         Path(tmp).write_text("\n".join(lines) + "\n")
 
 
-def _write(out: Path, rows, qc, timing, archs, mc_samples, split, folds, tta: str = "none") -> dict:
+def _write(out: Path, rows, qc, timing, archs, mc_samples, split, folds, tta: str = "none",
+           refinement: str = "none") -> dict:
     summary: dict = {"folds": {str(f): split[f] for f in folds}, "mc_samples": mc_samples, "members": archs,
+                     "tta": tta, "refinement": refinement,
                      "reference": "OASIS-TRT-20 manual DKT cortex + FreeSurfer (silver) subcortical labels, 1 mm",
                      "methods": {}}
     for method in sorted({r["method"] for r in rows}):
@@ -254,7 +258,8 @@ def _write(out: Path, rows, qc, timing, archs, mc_samples, split, folds, tta: st
                                "conditions": sorted({q["condition"] for q in qc})}
     with atomic_output(out / "cv_raw.json") as tmp:
         Path(tmp).write_text(json.dumps({"rows": rows, "qc": qc, "timing": timing, "archs": archs,
-                                         "mc_samples": mc_samples, "tta": tta, "split": split,
+                                         "mc_samples": mc_samples, "tta": tta, "refinement": refinement,
+                                         "split": split,
                                          "folds": list(folds)},
                                         default=float) + "\n")
     _write_table(rows, out / "cv_rows.tsv")
