@@ -3,6 +3,7 @@
 Usage:
     python benchmarks/bench_segment.py [IMAGE] [--models STEM ...] [--mc-samples 15] [--threads 2]
                                        [--device cpu|cuda|auto] [--parcellation] [--tta flip-shift]
+                                       [--refinement intensity]
 
 ``IMAGE`` is a conformed-like T1w brain (any NIfTI; it is conformed to 1 mm RAS, intensity-normalised
 and masked where it is non-zero, the way the pipeline hands ``t1w_preproc`` to the segmentation
@@ -14,8 +15,10 @@ MC sampling, upsampling to 1 mm, labels, QC) and the process's peak memory:
 
 * ``1 pass``: one deterministic forward of the ensemble (``mc_samples=1``), the baseline;
 * ``MC-N``: MC dropout alone, no test-time augmentation;
-* ``MC-N + TTA``: the pipeline's setting, the samples spread over the views of ``--tta`` (default
-  the pipeline's, flip-shift) (goal: under 2 minutes on a 2-core CPU, 15 s on a GPU).
+* ``MC-N + TTA``: the samples spread over the views of ``--tta`` (default the pipeline's, flip-shift);
+* ``MC-N + TTA + intensity``: the pipeline's setting, the TTA run with the probabilities refined by
+  ``--refinement`` (default the pipeline's, intensity) (goal: under 2 minutes on a 2-core CPU, 15 s
+  on a GPU).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bids_app.core.conform import conform  # noqa: E402
 from bids_app.core.intensity import normalise_intensity  # noqa: E402
+from bids_app.core.refinement import DEFAULT_REFINEMENT, REFINEMENTS  # noqa: E402
 from bids_app.models.segment import (  # noqa: E402
     DEFAULT_TTA,
     TTA_VIEWS,
@@ -67,6 +71,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--tta", default=DEFAULT_TTA, choices=list(TTA_VIEWS))
+    parser.add_argument("--refinement", default=DEFAULT_REFINEMENT, choices=list(REFINEMENTS))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     models = args.models or (default_parcellation_models() if args.parcellation else default_wholebrain_models())
@@ -75,13 +80,16 @@ def main(argv=None) -> int:
         return 1
     image = load_input(args.image)
     print(f"input {image.shape} (1 mm), {len(models)} member(s), device {args.device}, {args.threads} threads")
-    runs = [("1 pass", 1, "none"), (f"MC-{args.mc_samples}", args.mc_samples, "none")]
+    runs = [("1 pass", 1, "none", "none"), (f"MC-{args.mc_samples}", args.mc_samples, "none", "none")]
     if args.tta != "none":
-        runs.append((f"MC-{args.mc_samples} + TTA {args.tta}", args.mc_samples, args.tta))
-    for label, n, tta in runs:
+        runs.append((f"MC-{args.mc_samples} + TTA {args.tta}", args.mc_samples, args.tta, "none"))
+    if args.refinement != "none":
+        runs.append((f"MC-{args.mc_samples} + TTA {args.tta} + {args.refinement}", args.mc_samples, args.tta,
+                     args.refinement))
+    for label, n, tta, refinement in runs:
         t0 = time.perf_counter()
         result = segment_volume(image, models, mc_samples=n, num_threads=args.threads, device=args.device,
-                                mask=image > 0, tta=tta)
+                                mask=image > 0, tta=tta, refinement=refinement)
         dt = time.perf_counter() - t0
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(f"{label:>24}: {dt:7.1f} s   mean CV {result.mean_cv_percent:6.2f} %   peak RSS {peak:7.0f} MB   "

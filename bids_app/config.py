@@ -53,6 +53,8 @@ class SegmentationConfig:
     mc_samples: int = 15
     #: test-time augmentation (``arborseg --tta``; a key of ``bids_app.models.segment.TTA_VIEWS``)
     tta: str = "none"
+    #: refinement of the probabilities (``arborseg --refinement``; ``bids_app.core.refinement.REFINEMENTS``)
+    refinement: str = "none"
     #: the manifest task of the branch: ``"wholebrain"`` or ``"parcellation"``
     task: str = "wholebrain"
     #: the option that switched the branch off (``--no-seg`` or ``--no-parc``)

@@ -180,6 +180,7 @@ def test_reports_only_and_group(e2e, capsys):
     assert sorted(r["label"] for r in rows) == ["sub-phantom01", "sub-phantom02"]
     assert all(r["qc_flag"] in ("pass", "warn") and r["mc_samples"] == "2" for r in rows)
     assert all(r["tta"] == "flip" for r in rows)  # the default TTA that 2 samples allow
+    assert all(r["refinement"] == "intensity" for r in rows)  # the default refinement
     for r in rows:  # the input-geometry check of each subject's QC JSON, gathered
         qc_json = json.loads(next((out / r["label"] / "anat").glob("*_seg-wholebrain_qc.json")).read_text())
         assert r["input_flag"] == qc_json["InputResolution"]["Flag"]

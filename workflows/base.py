@@ -85,12 +85,13 @@ def _add_wholebrain_seg(wf, inputnode, anat_preproc_wf, *, inputs: AnatInputs, b
     source_file = str(inputs.t1w)
     checkpoints = [str(c) for c in segmentation.checkpoints]
     seg_wf = init_wholebrain_seg_wf(checkpoints=checkpoints, mc_samples=segmentation.mc_samples, seed=random_seed,
-                                    omp_nthreads=omp_nthreads, device=device, tta=segmentation.tta)
+                                    omp_nthreads=omp_nthreads, device=device, tta=segmentation.tta,
+                                    refinement=segmentation.refinement)
     fine = segmentation.protocol or "aseg"
     seg_derivatives_wf = init_wholebrain_seg_derivatives_wf(
         output_dir=str(output_dir), source_file=source_file, source_uri=raw_uri(inputs.t1w, bids_dir),
         fine_protocol=fine, models=model_names(checkpoints), mc_samples=segmentation.mc_samples,
-        tta=segmentation.tta)
+        tta=segmentation.tta, refinement=segmentation.refinement)
     seg_reports_wf = init_wholebrain_seg_reports_wf(output_dir=str(output_dir), source_file=source_file)
     derivative_fields = list(SEG_DERIVATIVES)
     if fine in ("aseg", "cerebrum7"):
@@ -116,11 +117,13 @@ def _add_parcellation(wf, inputnode, anat_preproc_wf, *, inputs: AnatInputs, bid
     protocol = parcellation.protocol or "dkt-aseg"
     parc_wf = init_wholebrain_seg_wf(checkpoints=checkpoints, mc_samples=parcellation.mc_samples, seed=random_seed,
                                      omp_nthreads=omp_nthreads, device=device, fine_only=True,
-                                     name="parcellation_wf", tta=parcellation.tta)
+                                     name="parcellation_wf", tta=parcellation.tta,
+                                     refinement=parcellation.refinement)
     parc_derivatives_wf = init_wholebrain_seg_derivatives_wf(
         output_dir=str(output_dir), source_file=source_file, source_uri=raw_uri(inputs.t1w, bids_dir),
         fine_protocol=protocol, models=model_names(checkpoints), mc_samples=parcellation.mc_samples, fine_only=True,
-        name="parcellation_derivatives_wf", tta=parcellation.tta)
+        name="parcellation_derivatives_wf", tta=parcellation.tta,
+        refinement=parcellation.refinement)
     parc_reports_wf = init_parcellation_reports_wf(output_dir=str(output_dir), source_file=source_file,
                                                    protocol=protocol)
     wf.connect([

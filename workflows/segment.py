@@ -52,14 +52,15 @@ def _memory_gb(checkpoints: Sequence[str]) -> float:
 
 def init_wholebrain_seg_wf(*, checkpoints: Sequence[str], mc_samples: int = 15, seed: int = 42,
                            omp_nthreads: int = 1, device: str = "auto", fine_only: bool = False,
-                           name: str = "wholebrain_seg_wf", tta: str = "none"):
+                           name: str = "wholebrain_seg_wf", tta: str = "none", refinement: str = "none"):
     """Whole-brain labels (fine protocol, aseg, CEREBRUM 7) in the native T1w space, with MC-dropout QC.
 
     ``inputnode``: ``t1w_preproc`` and ``icv_mask`` (conformed T1w space), ``icv_ml``, ``source_file``
     (the raw T1w). ``outputnode``: :data:`SEG_OUTPUTS` (see
     :class:`~bids_app.interfaces.segment.WholeBrainSegmentation`); with ``fine_only`` (the
     cortical parcellation) only :data:`PARC_OUTPUTS`. ``tta``: the test-time augmentation
-    (:data:`bids_app.models.segment.TTA_VIEWS`).
+    (:data:`bids_app.models.segment.TTA_VIEWS`); ``refinement``: the probabilities' refinement
+    (:data:`bids_app.core.refinement.REFINEMENTS`).
     """
     fields = PARC_OUTPUTS if fine_only else SEG_OUTPUTS
     wf = pe.Workflow(name=name)
@@ -68,7 +69,7 @@ def init_wholebrain_seg_wf(*, checkpoints: Sequence[str], mc_samples: int = 15, 
     outputnode = pe.Node(niu.IdentityInterface(fields=list(fields)), name="outputnode")
     segment = pe.Node(WholeBrainSegmentation(checkpoints=[str(c) for c in checkpoints], mc_samples=mc_samples,
                                              seed=seed, num_threads=omp_nthreads, device=device,
-                                             fine_only=fine_only, tta=tta),
+                                             fine_only=fine_only, tta=tta, refinement=refinement),
                       name="segment", n_procs=omp_nthreads, mem_gb=_memory_gb(checkpoints))
     wf.connect([
         (inputnode, segment, [("t1w_preproc", "t1w_preproc"), ("icv_mask", "icv_mask"), ("icv_ml", "icv_ml"),
@@ -99,7 +100,8 @@ def _add_sources(in_file, sources):
 
 def init_wholebrain_seg_derivatives_wf(*, output_dir: str, source_file: str, source_uri: str, fine_protocol: str,
                                        models: Sequence[str] = (), mc_samples: int = 15, fine_only: bool = False,
-                                       name: str = "wholebrain_seg_derivatives_wf", tta: str = "none"):
+                                       name: str = "wholebrain_seg_derivatives_wf", tta: str = "none",
+                                       refinement: str = "none"):
     """Write the segmentation derivatives (README "Outputs"); every sidecar has ``Sources``.
 
     ``fine_protocol`` is the models' protocol: its own ``seg-<x>_dseg`` is written only when it is
@@ -124,6 +126,7 @@ def init_wholebrain_seg_derivatives_wf(*, output_dir: str, source_file: str, sou
         protocols.insert(0, ("fine", fine_protocol))
     what = "Cortical parcellation" if fine_only else "Whole-brain segmentation"
     common = {"Models": list(models), "MCSamples": int(mc_samples), "TestTimeAugmentation": tta,
+              "Refinement": refinement,
               "Space": "the grid of the raw T1w (labels by nearest neighbour from the conformed T1w space)"}
     dseg_uris = []
     for field, protocol in protocols:

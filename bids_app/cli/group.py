@@ -51,8 +51,8 @@ def rows_to_tsv(rows: list[dict]) -> str:
 
 
 SEG_QC_COLUMNS = ("label", "subject", "session", "qc_flag", "mean_cv_percent", "qc_threshold_percent",
-                  "deep14_mean_cv_percent", "n_structures_warn", "label_protocol", "models", "mc_samples", "tta", "seed",
-                  "input_flag", "input_thickest_mm")
+                  "deep14_mean_cv_percent", "n_structures_warn", "label_protocol", "models", "mc_samples", "tta",
+                  "refinement", "seed", "input_flag", "input_thickest_mm")
 
 
 def _tsv(columns, rows) -> str:
@@ -122,7 +122,8 @@ def collect_segmentations(output_dir: Path, records: list[dict]) -> tuple[dict[s
                 n_structures_warn=sum(s.get("qc_flag") == "warn" for s in structures),
                 label_protocol=qc.get("LabelProtocol"),
                 models="+".join(str(m.get("Name")) for m in qc.get("Models", [])),
-                mc_samples=qc.get("MCSamples"), tta=qc.get("TestTimeAugmentation", "none"), seed=qc.get("Seed"),
+                mc_samples=qc.get("MCSamples"), tta=qc.get("TestTimeAugmentation", "none"),
+                refinement=qc.get("Refinement", "none"), seed=qc.get("Seed"),
                 seg_mean_cv_percent=qc.get("MeanCVPercent"),
                 input_flag=geometry.get("Flag"), input_thickest_mm=geometry.get("ThickestMM")))
     return volumes, qc_rows

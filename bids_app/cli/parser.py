@@ -244,6 +244,11 @@ def get_parser() -> argparse.ArgumentParser:
                           "samples are spread over the left-right mirror (flip), a model grid shifted by half a "
                           "voxel (shift) or all four views (flip-shift); default flip-shift (flip with 2 or 3 "
                           "samples, none with 1). The shipped QC calibrations were made with flip-shift")
+    seg.add_argument("--refinement", choices=["intensity", "none"], default="intensity",
+                     help="refinement of the whole-brain and parcellation probabilities on the T1w grid: "
+                          "'intensity' sharpens them with the subject's own intensity histogram of every "
+                          "structure (the networks run on a 2 mm grid); 'none' keeps the networks' probabilities "
+                          "(default intensity)")
     seg.add_argument("--mc-samples", type=_positive_int, default=15, metavar="N",
                      help="Monte-Carlo dropout samples per subject for the segmentation, parcellation and "
                           "cerebellum QC (default 15)")

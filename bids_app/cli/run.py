@@ -66,10 +66,8 @@ def build_config(opts, argv: list[str]):
         _check_no_collision(segmentation, parcellation)
         cerebellum = cerebellum_config(opts)
     else:
-        tta = resolved_tta(opts)
-        segmentation = SegmentationConfig(enabled=not opts.no_seg, mc_samples=opts.mc_samples, tta=tta)
-        parcellation = SegmentationConfig(enabled=not (opts.no_seg or opts.no_parc), mc_samples=opts.mc_samples,
-                                          tta=tta,
+        segmentation = SegmentationConfig(enabled=not opts.no_seg, **inference_options(opts))
+        parcellation = SegmentationConfig(enabled=not (opts.no_seg or opts.no_parc), **inference_options(opts),
                                           task="parcellation",
                                           switched_off_by="--no-seg" if opts.no_seg else "--no-parc")
         cerebellum = CerebellumConfig(enabled=not opts.no_cerebellum, mc_samples=opts.mc_samples,
@@ -101,6 +99,14 @@ def resolved_tta(opts) -> str:
     return next(name for name in (DEFAULT_TTA, "flip", "none") if len(TTA_VIEWS[name]) <= opts.mc_samples)
 
 
+def inference_options(opts) -> dict:
+    """The segmentation branches' shared settings: MC samples, test-time augmentation, refinement."""
+    from ..core.refinement import DEFAULT_REFINEMENT
+
+    return {"mc_samples": opts.mc_samples, "tta": resolved_tta(opts),
+            "refinement": getattr(opts, "refinement", None) or DEFAULT_REFINEMENT}
+
+
 def segmentation_config(opts):
     """The whole-brain branch: ``--no-seg``, ``--seg-models`` (checked now) or the installed models.
 
@@ -111,16 +117,16 @@ def segmentation_config(opts):
     from ..models.segment import default_wholebrain_models, validate_wholebrain_checkpoints
 
     if opts.no_seg:
-        return SegmentationConfig(enabled=False, mc_samples=opts.mc_samples, tta=resolved_tta(opts))
+        return SegmentationConfig(enabled=False, **inference_options(opts))
     if opts.seg_models:
         paths, origin = list(opts.seg_models), "--seg-models"
     else:
         paths, origin = default_wholebrain_models(), "installed"
         if not paths:
-            return SegmentationConfig(enabled=True, mc_samples=opts.mc_samples, tta=resolved_tta(opts))
+            return SegmentationConfig(enabled=True, **inference_options(opts))
     manifests, protocol = validate_wholebrain_checkpoints(paths)
     return SegmentationConfig(enabled=True, checkpoints=tuple(manifests), origin=origin, protocol=protocol,
-                              mc_samples=opts.mc_samples, tta=resolved_tta(opts))
+                              **inference_options(opts))
 
 
 def parcellation_config(opts):
@@ -134,7 +140,7 @@ def parcellation_config(opts):
     from ..models.segment import PARCELLATION_TASK, default_parcellation_models, validate_parcellation_checkpoints
 
     if opts.no_seg or opts.no_parc:
-        return SegmentationConfig(enabled=False, mc_samples=opts.mc_samples, tta=resolved_tta(opts),
+        return SegmentationConfig(enabled=False, **inference_options(opts),
                                   task=PARCELLATION_TASK,
                                   switched_off_by="--no-seg" if opts.no_seg else "--no-parc")
     if opts.parc_models:
@@ -142,11 +148,11 @@ def parcellation_config(opts):
     else:
         paths, origin = default_parcellation_models(), "installed"
         if not paths:
-            return SegmentationConfig(enabled=True, mc_samples=opts.mc_samples, tta=resolved_tta(opts),
+            return SegmentationConfig(enabled=True, **inference_options(opts),
                                       task=PARCELLATION_TASK)
     manifests, protocol = validate_parcellation_checkpoints(paths)
     return SegmentationConfig(enabled=True, checkpoints=tuple(manifests), origin=origin, protocol=protocol,
-                              mc_samples=opts.mc_samples, tta=resolved_tta(opts), task=PARCELLATION_TASK)
+                              **inference_options(opts), task=PARCELLATION_TASK)
 
 
 def cerebellum_config(opts):

@@ -104,6 +104,17 @@ def _model(counts: np.ndarray, pooled: np.ndarray, *, bins: int, upper: float, s
                           edges=np.linspace(0.0, upper, bins + 1), own=own)
 
 
+def intensity_model(probs: np.ndarray, image: np.ndarray, mask: np.ndarray, *,
+                    confidence: float = DEFAULT_CONFIDENCE, bins: int = BINS, upper: float = UPPER,
+                    smooth: float = SMOOTH, min_voxels: int = 50) -> IntensityModel:
+    """Step 1: the per-class histograms of ``image`` over ``mask``'s voxels where ``probs`` is confident."""
+    def confident(sl, inside, values):
+        return (probs[:, sl][:, inside] > confidence).astype(np.float64)
+
+    return _model(*_histograms(confident, image, mask, probs.shape[0], bins, upper), bins=bins, upper=upper,
+                  smooth=smooth, min_voxels=min_voxels)
+
+
 def _posterior(p: np.ndarray, idx: np.ndarray, model: IntensityModel, beta: float) -> np.ndarray:
     """``(K, n)`` refined posterior of ``n`` voxels with network probabilities ``p`` and bin indices ``idx``."""
     logq = np.log(np.maximum(p, 1e-6, dtype=np.float32))
@@ -143,10 +154,7 @@ def refine_probabilities(probs: np.ndarray, image: np.ndarray, mask: np.ndarray 
     k = probs.shape[0]
     shape = dict(bins=bins, upper=upper, smooth=smooth, min_voxels=min_voxels)
 
-    def confident(sl, inside, values):
-        return (probs[:, sl][:, inside] > confidence).astype(np.float64)
-
-    model = _model(*_histograms(confident, image, mask, k, bins, upper), **shape)
+    model = intensity_model(probs, image, mask, confidence=confidence, **shape)
     for _ in range(iterations):
         def refined(sl, inside, values, model=model):
             return _posterior(probs[:, sl][:, inside], _bin_index(values, bins, upper), model, beta)

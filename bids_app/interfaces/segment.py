@@ -38,6 +38,8 @@ class _SegmentInputSpec(BaseInterfaceInputSpec):
     mc_samples = traits.Int(15, usedefault=True, desc="Monte-Carlo dropout samples")
     tta = traits.Enum("none", "flip", "shift", "flip-shift", usedefault=True,
                       desc="test-time augmentation: the MC samples spread over these views")
+    refinement = traits.Enum("none", "intensity", usedefault=True,
+                             desc="refinement of the probabilities with the image's own intensities")
     seed = traits.Int(42, usedefault=True, desc="seed of the dropout masks")
     modality = Str("T1w", usedefault=True, desc="selects the QC threshold")
     num_threads = traits.Int(1, usedefault=True, nohash=True, desc="CPU threads of PyTorch")
@@ -107,7 +109,7 @@ class WholeBrainSegmentation(SimpleInterface):
             "t1w_preproc": self.inputs.t1w_preproc, "icv_mask": self.inputs.icv_mask,
             "source_file": self.inputs.source_file, "checkpoints": [str(c) for c in self.inputs.checkpoints],
             "out_dir": os.path.abspath("segmentation"), "mc_samples": int(self.inputs.mc_samples),
-            "tta": self.inputs.tta,
+            "tta": self.inputs.tta, "refinement": self.inputs.refinement,
             "seed": int(self.inputs.seed), "device": self.inputs.device, "num_threads": int(self.inputs.num_threads),
             "modality": self.inputs.modality,
             "icv_ml": float(self.inputs.icv_ml) if isdefined(self.inputs.icv_ml) else None,

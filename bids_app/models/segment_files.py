@@ -97,7 +97,7 @@ def calibration_summary(result) -> dict:
 def segment_files(t1w_preproc: str, icv_mask: str, source_file: str, checkpoints: Sequence[str], *, out_dir: str,
                   mc_samples: int = 15, seed: int = 42, device: str = "auto", num_threads: int | None = None,
                   modality: str = "T1w", icv_ml: float | None = None, fine_only: bool = False,
-                  tta: str = "none") -> dict:
+                  tta: str = "none", refinement: str = "none") -> dict:
     """Segment, write every output into ``out_dir``; returns the paths and the QC summary (JSON-friendly).
 
     ``fine_only``: only the models' own protocol (see the module docstring).
@@ -116,7 +116,8 @@ def segment_files(t1w_preproc: str, icv_mask: str, source_file: str, checkpoints
         icv_ml = float(mask.sum()) * float(np.prod(vox)) / 1000.0
 
     result = segment_volume(image, list(checkpoints), mc_samples=mc_samples, seed=seed, device=device,
-                            num_threads=num_threads, modality=modality, image_voxel_mm=vox, mask=mask, tta=tta)
+                            num_threads=num_threads, modality=modality, image_voxel_mm=vox, mask=mask, tta=tta,
+                            refinement=refinement)
     del image, mask
     fine = result.protocol
     protocols = [fine]
@@ -204,7 +205,8 @@ def segment_files(t1w_preproc: str, icv_mask: str, source_file: str, checkpoints
                        "variation (CV) of every structure's volume over the MC samples",
         "Task": "parcellation" if fine_only else "wholebrain",
         "Models": models, "MCSamples": result.n_samples, "Seed": result.seed, "Modality": result.modality,
-        "TestTimeAugmentation": result.tta, "LabelProtocol": fine.name, "MeanCVPercent": _num(result.mean_cv_percent),
+        "TestTimeAugmentation": result.tta, "Refinement": result.refinement, "LabelProtocol": fine.name,
+        "MeanCVPercent": _num(result.mean_cv_percent),
         "QCThresholdPercent": result.qc_threshold, "QCFlag": result.qc_flag,
         "QCCalibration": calibration_summary(result),
         "Deep14MeanCVPercent": deep["MeanCVPercent"] if deep else None,

@@ -110,7 +110,7 @@ def _segmentation_methods(config) -> str:
         "voxel-wise predictive entropy maps the uncertainty; and the coefficient of variation (CV) of each "
         "structure's volume over the samples was computed, with a segmentation flagged when the mean CV over the "
         "structures exceeds the ensemble's threshold (calibrated on held-out scans of its cross-validation, else "
-        f"1 % for T1w).{_tta_sentence(seg.tta)} Labels were merged into the aseg and CEREBRUM 7-class protocols and "
+        f"1 % for T1w).{_tta_sentence(seg.tta)}{_refinement_sentence(seg)} Labels were merged into the aseg and CEREBRUM 7-class protocols and "
         "resampled to the grid of the raw T1w with nearest-neighbour interpolation; volumes were counted on the "
         "T1w grid.\n\nSegmentation references\n" + SEGMENTATION_REFERENCES
     )
@@ -125,6 +125,19 @@ def _tta_sentence(tta: str) -> str:
     if tta not in views:
         return ""
     return f" The samples were spread evenly over {views[tta]}, and averaged back on the T1w grid."
+
+
+def _refinement_sentence(branch) -> str:
+    """The methods' sentence on the intensity refinement ("" without one)."""
+    if getattr(branch, "refinement", "none") != "intensity":
+        return ""
+    from ..core.refinement import DEFAULT_BETA, DEFAULT_CONFIDENCE, DEFAULT_ITERATIONS
+
+    return (" The probabilities on the T1w grid were then refined with the subject's own intensities: each "
+            "structure's intensity histogram, taken where the networks were confident (probability above "
+            f"{DEFAULT_CONFIDENCE:g}), was combined with the network probabilities as a likelihood tempered by an "
+            f"exponent of {DEFAULT_BETA:g} ({DEFAULT_ITERATIONS} EM re-estimation of the histograms), and the labels "
+            "are the argmax of the refined probabilities.")
 
 
 def _parcellation_methods(config) -> str:
@@ -143,7 +156,7 @@ def _parcellation_methods(config) -> str:
         f"{parc.protocol} label protocol) on the same input, with the same Monte-Carlo dropout estimate "
         f"({parc.mc_samples} samples, seed {config.random_seed}) and volume-CV quality control; voxels outside the "
         "intracranial mask were set to background, and the labels were resampled to the grid of the raw T1w with "
-        "nearest-neighbour interpolation." + _tta_sentence(parc.tta) + refs
+        "nearest-neighbour interpolation." + _tta_sentence(parc.tta) + _refinement_sentence(parc) + refs
     )
 
 

@@ -92,6 +92,26 @@ def test_tta_option_default_follows_the_mc_samples(tmp_path, monkeypatch, no_pac
     assert "tta = \"none\"" in config("--tta", "none").to_toml()
 
 
+def test_refinement_option_defaults_to_intensity(tmp_path, monkeypatch, no_package_models):
+    from tests.conftest import tiny_wholebrain_checkpoint
+
+    monkeypatch.setenv("ARBORSEG_MODELS_DIR", str(tmp_path / "none"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bids").mkdir()
+    wb = tiny_wholebrain_checkpoint(tmp_path / "wb")
+
+    def config(*extra):
+        return build_config(_parse("--seg-models", wb, *extra), [])[0]
+
+    default = config()
+    assert default.segmentation.refinement == "intensity" and default.parcellation.refinement == "intensity"
+    off = config("--refinement", "none")
+    assert off.segmentation.refinement == "none" and "refinement = \"none\"" in off.to_toml()
+    with pytest.raises(SystemExit) as exc:
+        _parse("--refinement", "crf")
+    assert exc.value.code == EXIT_USAGE
+
+
 def test_tta_needs_as_many_samples_as_views(capsys):
     with pytest.raises(SystemExit) as exc:
         _parse("--tta", "flip-shift", "--mc-samples", "3")

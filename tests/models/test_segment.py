@@ -360,3 +360,52 @@ def test_flip_shift_spreads_the_samples_and_checks_their_number(checkpoint):
         segment_volume(_image(), [checkpoint], mc_samples=3, device="cpu", tta="flip-shift")
     with pytest.raises(ValueError, match="unknown test-time augmentation"):
         segment_volume(_image(), [checkpoint], mc_samples=3, device="cpu", tta="rotate")
+
+
+class SteepPattern(nn.Module):
+    """Two classes, "thing" from 2 % to 98 % along x of the model grid (50 % at the middle)."""
+
+    n_classes = 2
+
+    def forward(self, x):
+        n = x.shape[2]
+        ramp = torch.linspace(0.02, 0.98, n, dtype=torch.float32).view(1, 1, n, 1, 1).expand(x.shape[0], 1, *x.shape[2:])
+        return torch.log(torch.cat([1 - ramp, ramp], dim=1))
+
+
+def test_intensity_refinement_refines_the_probabilities_and_keeps_the_networks_uncertainty():
+    from bids_app.core.refinement import refine_probabilities
+
+    rng = np.random.default_rng(0)
+    image = np.where(np.arange(40)[:, None, None] < 16, 0.3, 0.8) + 0.02 * rng.standard_normal((40, 8, 6))
+    image = image.astype(np.float32)
+    mask = np.ones(image.shape, bool)
+    mask[:, :, 0] = False
+    image[~mask] = 0
+    kwargs = dict(manifests=[_toy_manifest(2.0)], mc_samples=2, seed=3, device="cpu", tta="shift", mask=mask)
+    plain = segment_volume(image, [SteepPattern()], **kwargs)
+    refined = segment_volume(image, [SteepPattern()], refinement="intensity", **kwargs)
+    assert plain.refinement == "none" and refined.refinement == "intensity"
+    # exactly the core refinement of the networks' probabilities, inside the mask
+    expected = plain.probabilities.copy()
+    refine_probabilities(expected, image, mask)
+    np.testing.assert_allclose(refined.probabilities, expected, atol=1e-6)
+    np.testing.assert_array_equal(refined.labels, plain.protocol.to_labels(expected.argmax(axis=0)))
+    # the network put the boundary at x = 20, the image has it at 16: the refinement moves it there
+    inside = refined.labels[:, :, 1:]
+    assert (plain.labels[16:20, :, 1:] == 0).all()
+    assert (inside[:16] == 0).all() and (inside[16:] == 1).all() and (refined.labels[~mask] == 0).all()
+    # the uncertainty map and the QC are the networks' own
+    np.testing.assert_allclose(refined.entropy, plain.entropy, atol=1e-6)
+    np.testing.assert_array_equal(refined.mc_volumes_mm3, plain.mc_volumes_mm3)
+    assert refined.mean_cv_percent == plain.mean_cv_percent and "refine_s" in refined.timings
+    with pytest.raises(ValueError, match="unknown refinement"):
+        segment_volume(image, [SteepPattern()], manifests=[_toy_manifest(2.0)], mc_samples=1, device="cpu",
+                       refinement="crf")
+
+
+def test_coarser_protocols_keep_the_tta_and_the_refinement(checkpoint):
+    res = segment_volume(_image(), [checkpoint], mc_samples=2, seed=1, device="cpu", num_threads=1, tta="flip",
+                         refinement="intensity")
+    coarse = coarser(res, "cerebrum7")
+    assert (coarse.tta, coarse.refinement) == ("flip", "intensity")
