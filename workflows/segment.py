@@ -126,7 +126,9 @@ def init_wholebrain_seg_derivatives_wf(*, output_dir: str, source_file: str, sou
         protocols.insert(0, ("fine", fine_protocol))
     what = "Cortical parcellation" if fine_only else "Whole-brain segmentation"
     common = {"Models": list(models), "MCSamples": int(mc_samples), "TestTimeAugmentation": tta,
-              "Refinement": refinement,
+              "Refinement": refinement if refinement == "none" else (
+                  f"{refinement} (skipped when the raw T1w is coarser than the models' grid; the QC JSON's "
+                  "Refinement says what ran)"),
               "Space": "the grid of the raw T1w (labels by nearest neighbour from the conformed T1w space)"}
     dseg_uris = []
     for field, protocol in protocols:

@@ -137,7 +137,8 @@ def _refinement_sentence(branch) -> str:
             "structure's intensity histogram, taken where the networks were confident (probability above "
             f"{DEFAULT_CONFIDENCE:g}), was combined with the network probabilities as a likelihood tempered by an "
             f"exponent of {DEFAULT_BETA:g} ({DEFAULT_ITERATIONS} EM re-estimation of the histograms), and the labels "
-            "are the argmax of the refined probabilities.")
+            "are the argmax of the refined probabilities (skipped for scans with voxels coarser than the networks' "
+            "grid).")
 
 
 def _parcellation_methods(config) -> str:

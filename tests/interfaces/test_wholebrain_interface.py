@@ -114,8 +114,22 @@ def test_tables_and_qc(inputs, isolated):
     assert geometry["VoxelSizeMM"] == [1.0, 1.0, 1.0] and geometry["Flag"] == "pass"
     assert geometry["ModelVoxelMM"] >= 1.0
     assert isolated.qc_flag == qc["QCFlag"]
+    assert qc["Refinement"] == "none" and qc["RefinementSkipped"] is None  # the interface's default
     assert qc["QCCalibration"]["Calibrated"] is False  # the tiny model has none: the T1w default
     assert {s["qc_threshold_percent"] for s in qc["Protocols"]["aseg"]["Structures"]} == {1.0}
+
+
+def test_intensity_refinement_runs_on_a_1mm_scan_and_is_skipped_for_thick_slices(inputs, tmp_path, monkeypatch):
+    from bids_app.models.segment_files import refinement_for_input
+
+    outputs = _run(inputs, tmp_path / "refined", monkeypatch, refinement="intensity")
+    qc = json.loads(open(outputs.qc_json).read())
+    assert qc["Refinement"] == "intensity" and qc["RefinementSkipped"] is None
+    ckpt = [str(inputs["ckpt"])]  # a 2 mm model
+    assert refinement_for_input("intensity", (1.0, 1.0, 2.0), ckpt) == ("intensity", None)
+    ran, why = refinement_for_input("intensity", (0.5, 0.5, 5.5), ckpt)
+    assert ran == "none" and "5.50 mm" in why and "skipped" in why
+    assert refinement_for_input("none", (0.5, 0.5, 5.5), ckpt) == ("none", None)
 
 
 def test_a_calibrated_ensemble_gets_its_own_thresholds(inputs, tmp_path, monkeypatch):
