@@ -73,7 +73,9 @@ def test_switches_reach_the_run_config(tmp_path, monkeypatch, no_package_models)
     assert installed.segmentation.checkpoints == (wb.resolve(),)
 
 
-def test_tta_option_default_follows_the_mc_samples(tmp_path, monkeypatch, no_package_models):
+@pytest.fixture
+def tiny_config(tmp_path, monkeypatch, no_package_models):
+    """``config(*options)``: the run configuration with a tiny whole-brain model and nothing installed."""
     from tests.conftest import tiny_wholebrain_checkpoint
 
     monkeypatch.setenv("ARBORSEG_MODELS_DIR", str(tmp_path / "none"))
@@ -84,6 +86,11 @@ def test_tta_option_default_follows_the_mc_samples(tmp_path, monkeypatch, no_pac
     def config(*extra):
         return build_config(_parse("--seg-models", wb, *extra), [])[0]
 
+    return config
+
+
+def test_tta_option_default_follows_the_mc_samples(tiny_config):
+    config = tiny_config
     assert config().segmentation.tta == "flip-shift" and config().parcellation.tta == "flip-shift"
     assert config("--mc-samples", "3").segmentation.tta == "flip"  # the largest that the samples allow
     assert config("--mc-samples", "1").segmentation.tta == "none"
@@ -92,20 +99,10 @@ def test_tta_option_default_follows_the_mc_samples(tmp_path, monkeypatch, no_pac
     assert "tta = \"none\"" in config("--tta", "none").to_toml()
 
 
-def test_refinement_option_defaults_to_intensity(tmp_path, monkeypatch, no_package_models):
-    from tests.conftest import tiny_wholebrain_checkpoint
-
-    monkeypatch.setenv("ARBORSEG_MODELS_DIR", str(tmp_path / "none"))
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "bids").mkdir()
-    wb = tiny_wholebrain_checkpoint(tmp_path / "wb")
-
-    def config(*extra):
-        return build_config(_parse("--seg-models", wb, *extra), [])[0]
-
-    default = config()
+def test_refinement_option_defaults_to_intensity(tiny_config):
+    default = tiny_config()
     assert default.segmentation.refinement == "intensity" and default.parcellation.refinement == "intensity"
-    off = config("--refinement", "none")
+    off = tiny_config("--refinement", "none")
     assert off.segmentation.refinement == "none" and "refinement = \"none\"" in off.to_toml()
     with pytest.raises(SystemExit) as exc:
         _parse("--refinement", "crf")
