@@ -30,7 +30,11 @@ the ICV) and an ensemble of checkpoints that share one label protocol:
    views and the QC volumes are every view's samples (so the CV also sees what the views change).
    The members were trained with left-right flips and random crops, so both views are images of
    the kind they learned.
-4. **Labels** are the argmax of the image-grid probabilities, as label values of the protocol.
+4. **Intensity refinement** (``refinement="intensity"``): the image-grid probabilities are refined
+   with the image's own intensity histogram of every class
+   (:func:`bids_app.core.refinement.refine_probabilities`; the entropy is taken before, so it and
+   the QC stay the networks' own).
+5. **Labels** are the argmax of the image-grid probabilities, as label values of the protocol.
    With an intracranial ``mask`` (same grid as the image), every voxel outside it is background:
    its probabilities become 1 for the background class and 0 for the others (its entropy 0)
    before the argmax, so no label and no probability map leaks out of the intracranial volume.
