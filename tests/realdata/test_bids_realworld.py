@@ -111,6 +111,10 @@ def test_wholebrain_segmentation_is_sensible(realworld, sub):
     assert geometry["Flag"] == ("warn" if sub == "tcga6692" else "pass"), geometry
     if sub == "tcga6692":
         assert geometry["ThickestMM"] == pytest.approx(5.5, abs=0.01) and "third voxel axis" in geometry["Reason"]
+        # ... so the intensity refinement is skipped, and the QC JSON says why
+        assert qc["Refinement"] == "none" and "5.50 mm" in qc["RefinementSkipped"]
+    else:
+        assert qc["Refinement"] == "intensity" and qc["RefinementSkipped"] is None
     assert (anat / f"sub-{sub}_seg-dkt_dseg.nii.gz").is_file()
 
 
