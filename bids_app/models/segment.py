@@ -567,9 +567,9 @@ def segment_volume(
     np.maximum(total, np.float32(1e-12), out=total)
     probs /= total[None]
     del total
+    if not single:  # the networks' own uncertainty: before any refinement (0 outside the mask, set below)
+        entropy = predictive_entropy(probs)
     if refinement == "intensity":
-        if not single:
-            entropy = predictive_entropy(probs)  # the networks' own uncertainty, not the refinement's
         t_refine = time.perf_counter()
         refine_probabilities(probs, image, mask=~outside if outside is not None else None)
         timings["refine_s"] = time.perf_counter() - t_refine
@@ -580,8 +580,6 @@ def segment_volume(
     classes = probs.argmax(axis=0)
     labels = protocol.to_labels(classes)
     del classes
-    if not single and refinement == "none":
-        entropy = predictive_entropy(probs)  # 0 outside the mask: the probabilities are one-hot there
     _, _, cv = volume_statistics(volumes)
     background = 0 if protocol.indices and protocol.indices[0] == 0 else None
     mcv = mean_cv(cv, background)

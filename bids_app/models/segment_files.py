@@ -109,11 +109,11 @@ def refinement_for_input(refinement: str, zooms: Sequence[float], checkpoints: S
     if refinement == "none":
         return refinement, None
     model_voxel = max(max(_voxel_triplet(m["voxel_size_mm"])) for m in read_manifests(checkpoints))
-    thickest = max(float(z) for z in list(zooms)[:3])
-    if thickest > model_voxel + 1e-3:
-        return "none", (f"the intensity refinement was skipped: the raw T1w's voxels are {thickest:.2f} mm thick, "
-                        f"coarser than the models' {model_voxel:.2f} mm grid, so its conformed intensities do not "
-                        "hold the detail the refinement relies on")
+    geometry = input_resolution(zooms, model_voxel)  # the same rule as the QC's InputResolution warning
+    if geometry["Flag"] == "warn":
+        return "none", (f"the intensity refinement was skipped: the raw T1w's voxels are {geometry['ThickestMM']:.2f} "
+                        f"mm thick, coarser than the models' {model_voxel:.2f} mm grid, so its conformed intensities "
+                        "do not hold the detail the refinement relies on")
     return refinement, None
 
 
