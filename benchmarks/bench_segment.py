@@ -3,7 +3,7 @@
 Usage:
     python benchmarks/bench_segment.py [IMAGE] [--models STEM ...] [--mc-samples 15] [--threads 2]
                                        [--device cpu|cuda|auto] [--parcellation] [--tta flip-shift]
-                                       [--refinement intensity]
+                                       [--refinement intensity] [--fused]
 
 ``IMAGE`` is a conformed-like T1w brain (any NIfTI; it is conformed to 1 mm RAS, intensity-normalised
 and masked where it is non-zero, the way the pipeline hands ``t1w_preproc`` to the segmentation
@@ -19,6 +19,11 @@ MC sampling, upsampling to 1 mm, labels, QC) and the process's peak memory:
 * ``MC-N + TTA + intensity``: the pipeline's setting, the TTA run with the probabilities refined by
   ``--refinement`` (default the pipeline's, intensity) (goal: under 2 minutes on a 2-core CPU, 15 s
   on a GPU).
+
+``--fused`` adds the pipeline's default when both ensembles run: the whole-brain and the
+parcellation ensembles (the installed ones), unrefined, then fused and refined once
+(:func:`bids_app.models.segment.fuse_parcellation`), against the two refined runs one after the
+other (what the pipeline did before the fusion). Peak RSS is the process's peak so far.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from bids_app.models.segment import (  # noqa: E402
     TTA_VIEWS,
     default_parcellation_models,
     default_wholebrain_models,
+    fuse_parcellation,
     segment_volume,
 )
 
@@ -72,6 +78,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--tta", default=DEFAULT_TTA, choices=list(TTA_VIEWS))
     parser.add_argument("--refinement", default=DEFAULT_REFINEMENT, choices=list(REFINEMENTS))
+    parser.add_argument("--fused", action="store_true", help="also time the fused whole-brain + parcellation run")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     models = args.models or (default_parcellation_models() if args.parcellation else default_wholebrain_models())
@@ -94,7 +101,33 @@ def main(argv=None) -> int:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(f"{label:>24}: {dt:7.1f} s   mean CV {result.mean_cv_percent:6.2f} %   peak RSS {peak:7.0f} MB   "
               f"({', '.join(f'{k} {v:.1f}s' for k, v in result.timings.items() if isinstance(v, float))})")
+    del result
+    if args.fused:
+        bench_fused(image, args)
     return 0
+
+
+def bench_fused(image: np.ndarray, args) -> None:
+    """Both installed ensembles: refined one after the other, then unrefined and fused (the pipeline's way)."""
+    seg_models, parc_models = default_wholebrain_models(), default_parcellation_models()
+    if not seg_models or not parc_models:
+        print("--fused: the whole-brain and parcellation models must both be installed", file=sys.stderr)
+        return
+    common = dict(mc_samples=args.mc_samples, num_threads=args.threads, device=args.device, mask=image > 0,
+                  tta=args.tta)
+    t0 = time.perf_counter()
+    for models in (seg_models, parc_models):
+        segment_volume(image, models, refinement=args.refinement, **common)
+    separate = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    seg = segment_volume(image, seg_models, refinement="none", **common)
+    parc = segment_volume(image, parc_models, refinement="none", **common)
+    fuse_parcellation(seg, parc, image, mask=image > 0, refinement=args.refinement)
+    fused = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"{'both, separate':>24}: {separate:7.1f} s")
+    print(f"{'both, fused':>24}: {fused:7.1f} s   peak RSS {peak:7.0f} MB   (fusion {seg.timings['fusion_s']:.1f} s, "
+          f"of which refinement {seg.timings.get('refine_s', 0.0):.1f} s)")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from bids_app.cli.run import main
-from bids_app.core.labels import load_protocol
+from bids_app.core.labels import load_protocol, merge_labels
 from tests.conftest import tiny_parcellation_checkpoint, tiny_wholebrain_checkpoint, tree_state
 
 pytestmark = pytest.mark.e2e
@@ -292,6 +292,10 @@ def test_segmentation_derivatives(e2e):
         assert set(np.unique(np.asarray(img.dataobj))) <= set(dkt.indices)
         sidecar = json.loads((anat / f"sub-{sub}_seg-dkt_dseg.json").read_text())
         assert sidecar["Models"] == ["tiny-parc"] and sidecar["LabelProtocol"] == "dkt-aseg"
+        # fused with the whole-brain ensemble: the parcels merged into aseg are the whole-brain labels
+        assert sidecar["FusedWith"] == ["tiny-wholebrain"] and "hierarchical" in sidecar["Fusion"]
+        wholebrain = np.asarray(nb.load(str(anat / f"sub-{sub}_seg-wholebrain_dseg.nii.gz")).dataobj)
+        assert (merge_labels(np.asarray(img.dataobj), dkt, load_protocol("aseg")) == wholebrain).all()
         assert [r["name"] for r in read_morphometry_tsv(anat / f"sub-{sub}_seg-dkt_morph.tsv")] == list(dkt.names[1:])
         assert json.loads((anat / f"sub-{sub}_seg-dkt_morph.json").read_text())["Sources"]
         parc_qc = json.loads((anat / f"sub-{sub}_seg-dkt_qc.json").read_text())

@@ -65,14 +65,17 @@ def init_single_subject_wf(*, inputs: AnatInputs, bids_dir: Path, output_dir: Pa
         (anat_preproc_wf, derivatives_wf, [(f"outputnode.{f}", f"inputnode.{f}") for f in to_derivatives]),
         (anat_preproc_wf, reports_wf, [(f"outputnode.{f}", f"inputnode.{f}") for f in to_reports]),
     ])
+    seg_wf = None
+    parc_active = parcellation is not None and parcellation.active
     if segmentation is not None and segmentation.active:
-        _add_wholebrain_seg(wf, inputnode, anat_preproc_wf, inputs=inputs, bids_dir=bids_dir, output_dir=output_dir,
-                            segmentation=segmentation, omp_nthreads=omp_nthreads, random_seed=random_seed,
-                            device=device)
-    if parcellation is not None and parcellation.active:
+        seg_wf = _add_wholebrain_seg(wf, inputnode, anat_preproc_wf, inputs=inputs, bids_dir=bids_dir,
+                                     output_dir=output_dir, segmentation=segmentation, omp_nthreads=omp_nthreads,
+                                     random_seed=random_seed, device=device,
+                                     parcellation=parcellation if parc_active else None)
+    if parc_active:
         _add_parcellation(wf, inputnode, anat_preproc_wf, inputs=inputs, bids_dir=bids_dir, output_dir=output_dir,
                           parcellation=parcellation, omp_nthreads=omp_nthreads, random_seed=random_seed,
-                          device=device)
+                          device=device, fused_in=seg_wf)
     if cerebellum is not None and cerebellum.active:
         _add_cerebellum(wf, inputnode, anat_preproc_wf, inputs=inputs, bids_dir=bids_dir, output_dir=output_dir,
                         template=template.name, cerebellum=cerebellum, omp_nthreads=omp_nthreads,
@@ -81,17 +84,22 @@ def init_single_subject_wf(*, inputs: AnatInputs, bids_dir: Path, output_dir: Pa
 
 
 def _add_wholebrain_seg(wf, inputnode, anat_preproc_wf, *, inputs: AnatInputs, bids_dir: Path, output_dir: Path,
-                        segmentation: SegmentationConfig, omp_nthreads: int, random_seed: int, device: str) -> None:
+                        segmentation: SegmentationConfig, omp_nthreads: int, random_seed: int, device: str,
+                        parcellation: SegmentationConfig | None = None):
+    """The whole-brain segmentation branch; with ``parcellation``, that ensemble runs in the same node and
+    the two are fused (README "Cortical parcellation"). Returns the branch's workflow."""
     source_file = str(inputs.t1w)
     checkpoints = [str(c) for c in segmentation.checkpoints]
+    parc_checkpoints = [str(c) for c in parcellation.checkpoints] if parcellation is not None else []
     seg_wf = init_wholebrain_seg_wf(checkpoints=checkpoints, mc_samples=segmentation.mc_samples, seed=random_seed,
                                     omp_nthreads=omp_nthreads, device=device, tta=segmentation.tta,
-                                    refinement=segmentation.refinement)
+                                    refinement=segmentation.refinement, parc_checkpoints=parc_checkpoints)
     fine = segmentation.protocol or "aseg"
     seg_derivatives_wf = init_wholebrain_seg_derivatives_wf(
         output_dir=str(output_dir), source_file=source_file, source_uri=raw_uri(inputs.t1w, bids_dir),
         fine_protocol=fine, models=model_names(checkpoints), mc_samples=segmentation.mc_samples,
-        tta=segmentation.tta, refinement=segmentation.refinement)
+        tta=segmentation.tta, refinement=segmentation.refinement,
+        fused_with=model_names(parc_checkpoints) if parc_checkpoints else ())
     seg_reports_wf = init_wholebrain_seg_reports_wf(output_dir=str(output_dir), source_file=source_file)
     derivative_fields = list(SEG_DERIVATIVES)
     if fine in ("aseg", "cerebrum7"):
@@ -107,33 +115,43 @@ def _add_wholebrain_seg(wf, inputnode, anat_preproc_wf, *, inputs: AnatInputs, b
         (seg_wf, seg_reports_wf, [("outputnode.conformed_aseg_dseg", "inputnode.conformed_aseg_dseg"),
                                   ("outputnode.conformed_entropy", "inputnode.conformed_entropy")]),
     ])
+    return seg_wf
 
 
 def _add_parcellation(wf, inputnode, anat_preproc_wf, *, inputs: AnatInputs, bids_dir: Path, output_dir: Path,
-                      parcellation: SegmentationConfig, omp_nthreads: int, random_seed: int, device: str) -> None:
-    """The cortical parcellation: the segmentation node with ``fine_only`` (only the ``seg-<x>`` outputs)."""
+                      parcellation: SegmentationConfig, omp_nthreads: int, random_seed: int, device: str,
+                      fused_in=None) -> None:
+    """The cortical parcellation's derivatives and reportlet. ``fused_in``: the whole-brain branch that
+    runs it (its ``parc_*`` outputs); else (no whole-brain branch) its own segmentation node with
+    ``fine_only`` (only the ``seg-<x>`` outputs)."""
     source_file = str(inputs.t1w)
     checkpoints = [str(c) for c in parcellation.checkpoints]
     protocol = parcellation.protocol or "dkt-aseg"
-    parc_wf = init_wholebrain_seg_wf(checkpoints=checkpoints, mc_samples=parcellation.mc_samples, seed=random_seed,
-                                     omp_nthreads=omp_nthreads, device=device, fine_only=True,
-                                     name="parcellation_wf", tta=parcellation.tta,
-                                     refinement=parcellation.refinement)
+    if fused_in is not None:
+        parc_wf, prefix = fused_in, "outputnode.parc_"
+    else:
+        parc_wf, prefix = init_wholebrain_seg_wf(
+            checkpoints=checkpoints, mc_samples=parcellation.mc_samples, seed=random_seed,
+            omp_nthreads=omp_nthreads, device=device, fine_only=True, name="parcellation_wf", tta=parcellation.tta,
+            refinement=parcellation.refinement), "outputnode."
+        wf.connect([
+            (inputnode, parc_wf, [("t1w", "inputnode.source_file")]),
+            (anat_preproc_wf, parc_wf, [("outputnode.t1w_preproc", "inputnode.t1w_preproc"),
+                                        ("outputnode.icv_mask", "inputnode.icv_mask"),
+                                        ("outputnode.icv_ml", "inputnode.icv_ml")]),
+        ])
     parc_derivatives_wf = init_wholebrain_seg_derivatives_wf(
         output_dir=str(output_dir), source_file=source_file, source_uri=raw_uri(inputs.t1w, bids_dir),
         fine_protocol=protocol, models=model_names(checkpoints), mc_samples=parcellation.mc_samples, fine_only=True,
         name="parcellation_derivatives_wf", tta=parcellation.tta,
-        refinement=parcellation.refinement)
+        refinement=parcellation.refinement,
+        fused_with=model_names(fused_in.get_node("segment").inputs.checkpoints) if fused_in is not None else ())
     parc_reports_wf = init_parcellation_reports_wf(output_dir=str(output_dir), source_file=source_file,
                                                    protocol=protocol)
     wf.connect([
-        (inputnode, parc_wf, [("t1w", "inputnode.source_file")]),
-        (anat_preproc_wf, parc_wf, [("outputnode.t1w_preproc", "inputnode.t1w_preproc"),
-                                    ("outputnode.icv_mask", "inputnode.icv_mask"),
-                                    ("outputnode.icv_ml", "inputnode.icv_ml")]),
-        (parc_wf, parc_derivatives_wf, [(f"outputnode.{f}", f"inputnode.{f}") for f in PARC_DERIVATIVES]),
+        (parc_wf, parc_derivatives_wf, [(f"{prefix}{f}", f"inputnode.{f}") for f in PARC_DERIVATIVES]),
         (anat_preproc_wf, parc_reports_wf, [("outputnode.t1w_preproc", "inputnode.t1w_preproc")]),
-        (parc_wf, parc_reports_wf, [("outputnode.conformed_fine_dseg", "inputnode.conformed_fine_dseg")]),
+        (parc_wf, parc_reports_wf, [(f"{prefix}conformed_fine_dseg", "inputnode.conformed_fine_dseg")]),
     ])
 
 

@@ -41,18 +41,23 @@ PARC_DERIVATIVES = ("fine_dseg", "fine_dseg_tsv", "fine_morph", "qc_json")
 PROBSEG_PROTOCOL = "cerebrum7"
 
 
-def _memory_gb(checkpoints: Sequence[str]) -> float:
-    """Planned memory of the segmentation node: the fine probabilities of a ~8 M-voxel 1 mm head, x1.5, + 1 GB."""
-    try:
-        n_classes = max(len(m["label_protocol"]["labels"]) for m in read_manifests(checkpoints))
-    except Exception:  # checked before the run; a guess is enough here
-        n_classes = 40
+def _memory_gb(checkpoints: Sequence[str], parc_checkpoints: Sequence[str] = ()) -> float:
+    """Planned memory of the segmentation node: the fine probabilities of a ~8 M-voxel 1 mm head, x1.5, + 1 GB
+    (with a fused parcellation: its probabilities and the whole-brain ensemble's together)."""
+    def classes(paths: Sequence[str]) -> int:
+        try:
+            return max(len(m["label_protocol"]["labels"]) for m in read_manifests(paths))
+        except Exception:  # checked before the run; a guess is enough here
+            return 40
+
+    n_classes = classes(checkpoints) + (classes(parc_checkpoints) if parc_checkpoints else 0)
     return round(1.0 + 1.5 * n_classes * 8e6 * 4 / 1e9, 1)
 
 
 def init_wholebrain_seg_wf(*, checkpoints: Sequence[str], mc_samples: int = 15, seed: int = 42,
                            omp_nthreads: int = 1, device: str = "auto", fine_only: bool = False,
-                           name: str = "wholebrain_seg_wf", tta: str = "none", refinement: str = "none"):
+                           name: str = "wholebrain_seg_wf", tta: str = "none", refinement: str = "none",
+                           parc_checkpoints: Sequence[str] = ()):
     """Whole-brain labels (fine protocol, aseg, CEREBRUM 7) in the native T1w space, with MC-dropout QC.
 
     ``inputnode``: ``t1w_preproc`` and ``icv_mask`` (conformed T1w space), ``icv_ml``, ``source_file``
@@ -60,17 +65,23 @@ def init_wholebrain_seg_wf(*, checkpoints: Sequence[str], mc_samples: int = 15, 
     :class:`~bids_app.interfaces.segment.WholeBrainSegmentation`); with ``fine_only`` (the
     cortical parcellation) only :data:`PARC_OUTPUTS`. ``tta``: the test-time augmentation
     (:data:`bids_app.models.segment.TTA_VIEWS`); ``refinement``: the probabilities' refinement
-    (:data:`bids_app.core.refinement.REFINEMENTS`).
+    (:data:`bids_app.core.refinement.REFINEMENTS`). ``parc_checkpoints``: the cortical parcellation
+    ensemble runs in the same node, fused with this one
+    (:func:`bids_app.models.segment.fuse_parcellation`); the outputnode then also has
+    ``parc_<field>`` for every field of :data:`PARC_OUTPUTS`.
     """
-    fields = PARC_OUTPUTS if fine_only else SEG_OUTPUTS
+    fields = list(PARC_OUTPUTS if fine_only else SEG_OUTPUTS)
+    if parc_checkpoints:
+        fields += [f"parc_{f}" for f in PARC_OUTPUTS]
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=["t1w_preproc", "icv_mask", "icv_ml", "source_file"]),
                         name="inputnode")
-    outputnode = pe.Node(niu.IdentityInterface(fields=list(fields)), name="outputnode")
+    outputnode = pe.Node(niu.IdentityInterface(fields=fields), name="outputnode")
     segment = pe.Node(WholeBrainSegmentation(checkpoints=[str(c) for c in checkpoints], mc_samples=mc_samples,
                                              seed=seed, num_threads=omp_nthreads, device=device,
-                                             fine_only=fine_only, tta=tta, refinement=refinement),
-                      name="segment", n_procs=omp_nthreads, mem_gb=_memory_gb(checkpoints))
+                                             fine_only=fine_only, tta=tta, refinement=refinement,
+                                             parc_checkpoints=[str(c) for c in parc_checkpoints]),
+                      name="segment", n_procs=omp_nthreads, mem_gb=_memory_gb(checkpoints, parc_checkpoints))
     wf.connect([
         (inputnode, segment, [("t1w_preproc", "t1w_preproc"), ("icv_mask", "icv_mask"), ("icv_ml", "icv_ml"),
                               ("source_file", "source_file")]),
@@ -101,13 +112,14 @@ def _add_sources(in_file, sources):
 def init_wholebrain_seg_derivatives_wf(*, output_dir: str, source_file: str, source_uri: str, fine_protocol: str,
                                        models: Sequence[str] = (), mc_samples: int = 15, fine_only: bool = False,
                                        name: str = "wholebrain_seg_derivatives_wf", tta: str = "none",
-                                       refinement: str = "none"):
+                                       refinement: str = "none", fused_with: Sequence[str] = ()):
     """Write the segmentation derivatives (README "Outputs"); every sidecar has ``Sources``.
 
     ``fine_protocol`` is the models' protocol: its own ``seg-<x>_dseg`` is written only when it is
     not ``aseg`` (which is ``seg-wholebrain``). ``fine_only`` (the cortical parcellation): only the
     fine protocol's ``dseg`` (+ ``.tsv``), ``morph.tsv`` and ``seg-<x>_qc.json``
-    (inputnode :data:`PARC_DERIVATIVES`).
+    (inputnode :data:`PARC_DERIVATIVES`). ``fused_with``: the models of the other ensemble this one
+    was fused with (:func:`bids_app.models.segment.fuse_parcellation`), named in the sidecars.
     """
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=list(PARC_DERIVATIVES if fine_only else SEG_DERIVATIVES)),
@@ -130,6 +142,10 @@ def init_wholebrain_seg_derivatives_wf(*, output_dir: str, source_file: str, sou
                   f"{refinement} (skipped when the raw T1w is coarser than the models' grid; the QC JSON's "
                   "Refinement says what ran)"),
               "Space": "the grid of the raw T1w (labels by nearest neighbour from the conformed T1w space)"}
+    if fused_with:
+        common["FusedWith"] = list(fused_with)
+        common["Fusion"] = ("hierarchical: the whole-brain structures' probabilities are the mean of every network of "
+                            "both ensembles, and each parcel gets its structure's share (labels agree)")
     dseg_uris = []
     for field, protocol in protocols:
         seg = seg_entity(protocol)

@@ -5,7 +5,10 @@ The work is :func:`bids_app.models.segment_files.segment_files`, run in a fresh 
 forked from one that already used it, which Nipype's MultiProc workers may be. ``isolate=False``
 runs it in the node's own process instead (tests, debugging).
 
-``fine_only=True`` is the cortical parcellation node: only the models' own protocol is written
+``parc_checkpoints`` runs the cortical parcellation ensemble in the same node and fuses the two
+(:func:`bids_app.models.segment.fuse_parcellation`): its outputs are the ``parc_*`` fields.
+
+``fine_only=True`` is a cortical parcellation node on its own: only the models' own protocol is written
 (``fine_*`` outputs and ``qc_json``); the aseg/CEREBRUM 7/probseg/entropy outputs stay undefined.
 
 ``num_threads`` and ``device`` are ``nohash``: changing them never invalidates the cache. The
@@ -45,6 +48,8 @@ class _SegmentInputSpec(BaseInterfaceInputSpec):
     num_threads = traits.Int(1, usedefault=True, nohash=True, desc="CPU threads of PyTorch")
     device = traits.Enum("auto", "cpu", "cuda", "mps", usedefault=True, nohash=True, desc="where the networks run")
     isolate = traits.Bool(True, usedefault=True, nohash=True, desc="run in a fresh Python process")
+    parc_checkpoints = traits.List(File(exists=True), desc="cortical parcellation manifests (.json): that ensemble "
+                                   "runs in this node too and the two are fused (parc_* outputs)")
     fine_only = traits.Bool(False, usedefault=True,
                             desc="write only the models' own protocol (cortical parcellation): no aseg, "
                                  "CEREBRUM 7, probseg or entropy outputs")
@@ -71,6 +76,14 @@ class _SegmentOutputSpec(TraitedSpec):
     conformed_entropy = File(exists=True)
     mean_cv_percent = traits.Float(desc="mean volume CV over the structures (%), NaN if undefined")
     qc_flag = Str(desc="pass or warn")
+    parc_fine_protocol = Str(desc="label protocol of the fused parcellation ensemble")
+    parc_fine_dseg = File(exists=True, desc="parcellation labels, native T1w grid")
+    parc_fine_dseg_tsv = File(exists=True)
+    parc_fine_morph = File(exists=True)
+    parc_qc_json = File(exists=True, desc="MC-dropout QC of the parcellation ensemble")
+    parc_conformed_fine_dseg = File(exists=True)
+    parc_mean_cv_percent = traits.Float()
+    parc_qc_flag = Str()
 
 
 def _run_isolated(spec: dict, cwd: str, what: str = "whole-brain segmentation") -> dict:
@@ -91,6 +104,15 @@ def _run_isolated(spec: dict, cwd: str, what: str = "whole-brain segmentation") 
                            f"{last.removeprefix('ERROR: ') or 'no message'}")
     with open(out_file) as fh:
         return json.load(fh)
+
+
+def _fine_results(out: dict) -> dict:
+    """The ``fine_*`` / QC outputs of one ensemble's part of :func:`~bids_app.models.segment_files.segment_files`."""
+    fine = out["fine_protocol"]
+    return dict(fine_protocol=fine, fine_dseg=out["dseg"][fine], fine_dseg_tsv=out["dseg_tsv"][fine],
+                fine_morph=out["morph"][fine], qc_json=out["qc_json"], conformed_fine_dseg=out["conformed_dseg"][fine],
+                mean_cv_percent=float("nan") if out["mean_cv_percent"] is None else float(out["mean_cv_percent"]),
+                qc_flag=out["qc_flag"])
 
 
 class WholeBrainSegmentation(SimpleInterface):
@@ -114,6 +136,8 @@ class WholeBrainSegmentation(SimpleInterface):
             "modality": self.inputs.modality,
             "icv_ml": float(self.inputs.icv_ml) if isdefined(self.inputs.icv_ml) else None,
             "fine_only": bool(self.inputs.fine_only),
+            "parc_checkpoints": [str(c) for c in self.inputs.parc_checkpoints]
+            if isdefined(self.inputs.parc_checkpoints) else [],
         }
         what = "cortical parcellation" if self.inputs.fine_only else "whole-brain segmentation"
         if self.inputs.isolate:
@@ -122,13 +146,9 @@ class WholeBrainSegmentation(SimpleInterface):
             from ..models.segment_files import segment_files
 
             out = json.loads(json.dumps(segment_files(**spec)))
-        fine = out["fine_protocol"]
-        self._results.update(
-            fine_protocol=fine, fine_dseg=out["dseg"][fine], fine_dseg_tsv=out["dseg_tsv"][fine],
-            fine_morph=out["morph"][fine], qc_json=out["qc_json"], conformed_fine_dseg=out["conformed_dseg"][fine],
-            mean_cv_percent=float("nan") if out["mean_cv_percent"] is None else float(out["mean_cv_percent"]),
-            qc_flag=out["qc_flag"],
-        )
+        self._results.update(_fine_results(out))
+        if "parcellation" in out:
+            self._results.update({f"parc_{k}": v for k, v in _fine_results(out["parcellation"]).items()})
         if not self.inputs.fine_only:
             self._results.update(
                 aseg_dseg=out["dseg"]["aseg"], cerebrum7_dseg=out["dseg"]["cerebrum7"],

@@ -73,6 +73,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..core.hierarchy import hierarchical_classes, hierarchical_probabilities, pooled_parent_probabilities
 from ..core.labels import (
     Protocol,
     ProtocolError,
@@ -144,6 +145,8 @@ class SegmentationResult:
     tta: str = "none"
     #: refinement of the probabilities (a key of :data:`bids_app.core.refinement.REFINEMENTS`)
     refinement: str = "none"
+    #: how the probabilities were fused with another ensemble's (:func:`fuse_parcellation`); None: not fused
+    fusion: dict | None = None
 
     @property
     def volume_mean_mm3(self) -> np.ndarray:
@@ -616,6 +619,59 @@ def force_background(probs: np.ndarray, outside: np.ndarray, protocol: Protocol)
         probs[k][outside] = 1.0 if k == background else 0.0
 
 
+def fuse_parcellation(seg: SegmentationResult, parc: SegmentationResult, image: np.ndarray, *,
+                      mask: np.ndarray | None = None, refinement: str = "none") -> None:
+    """Fuse a whole-brain result and a cortical parcellation result of the same image, **in place**.
+
+    Both must keep their probabilities and be unrefined (:func:`segment_volume` with
+    ``refinement="none"``); ``parc``'s protocol must merge into ``seg``'s (``dkt-aseg`` -> ``aseg``).
+
+    1. ``seg``'s probabilities become the network-weighted mean of both ensembles in ``seg``'s
+       protocol (:func:`bids_app.core.hierarchy.pooled_parent_probabilities`): every network of
+       either ensemble counts the same. With ``refinement="intensity"`` they are then refined
+       (:func:`bids_app.core.refinement.refine_probabilities`, inside ``mask``, else where ``image``
+       is non-zero). Voxels outside ``mask`` stay background.
+    2. ``parc``'s probabilities are split from those (:func:`bids_app.core.hierarchy.hierarchical_probabilities`):
+       the parcels of a structure share its fused probability in the parcellation ensemble's proportions,
+       and the parcellation's labels are taken top-down (the structure, then its most probable parcel:
+       :func:`bids_app.core.hierarchy.hierarchical_classes`), so the two label maps agree.
+
+    The entropy maps and the MC-dropout QC (CVs, flags) stay each ensemble's own. Both results
+    get ``refinement`` and ``fusion`` (what was fused), and their labels are taken again.
+    """
+    if seg.probabilities is None or parc.probabilities is None:
+        raise ValueError("fusion needs both results' probabilities")
+    if seg.refinement != "none" or parc.refinement != "none":
+        raise ValueError("fuse the networks' own probabilities: segment both with refinement='none'")
+    if refinement not in REFINEMENTS:
+        raise ValueError(f"unknown refinement {refinement!r}; choose one of {', '.join(REFINEMENTS)}")
+    t0 = time.perf_counter()
+    parent_of = merge_index(parc.protocol, seg.protocol)  # ProtocolError when parc does not refine seg
+    pooled = pooled_parent_probabilities(seg.probabilities, len(seg.models), parc.probabilities, parent_of,
+                                         len(parc.models))
+    seg.probabilities = None
+    if refinement == "intensity":
+        t_refine = time.perf_counter()
+        refine_probabilities(pooled, np.asarray(image, dtype=np.float32), mask=mask)
+        seg.timings["refine_s"] = time.perf_counter() - t_refine
+    if mask is not None:
+        outside = ~np.asarray(mask, dtype=bool)
+        if outside.any():
+            force_background(pooled, outside, seg.protocol)
+    hierarchical_probabilities(parc.probabilities, parent_of, pooled)
+    seg.probabilities = pooled
+    seg.labels = seg.protocol.to_labels(pooled.argmax(axis=0))
+    parc.labels = parc.protocol.to_labels(hierarchical_classes(parc.probabilities, parent_of, pooled))
+    fusion = {"method": "hierarchical", "parent_protocol": seg.protocol.name, "fine_protocol": parc.protocol.name,
+              "parent_models": list(seg.models), "fine_models": list(parc.models)}
+    for result in (seg, parc):
+        result.refinement = refinement
+        result.fusion = dict(fusion)
+        result.timings["fusion_s"] = time.perf_counter() - t0
+    log.info("fused the %s and %s ensembles (%d + %d networks, refinement %s) in %.1f s", seg.protocol.name,
+             parc.protocol.name, len(seg.models), len(parc.models), refinement, time.perf_counter() - t0)
+
+
 # --------------------------------------------------------------------------- coarser protocols
 
 
@@ -718,5 +774,5 @@ def coarser(result: SegmentationResult, protocol_name: str) -> SegmentationResul
         modality=result.modality, voxel_size_mm=result.voxel_size_mm,
         model_voxel_sizes_mm=list(result.model_voxel_sizes_mm), manifests=list(result.manifests),
         structure_thresholds=per_class, qc_calibration=result.qc_calibration, tta=result.tta,
-        refinement=result.refinement,
+        refinement=result.refinement, fusion=result.fusion,
     )

@@ -52,7 +52,7 @@ from ..core.labels import ProtocolError, load_protocol, merge_chain
 from ..core.morphometry import morphometry_rows, write_morphometry_tsv
 from ..core.resample import resample_to_grid
 from .segment import (COARSE_PROTOCOLS, _voxel_triplet, coarse_cv, coarse_labels, coarse_probability, coarse_thresholds,
-                      read_manifests, segment_volume, structure_flag)
+                      fuse_parcellation, read_manifests, segment_volume, structure_flag)
 
 log = logging.getLogger(__name__)
 
@@ -120,10 +120,13 @@ def refinement_for_input(refinement: str, zooms: Sequence[float], checkpoints: S
 def segment_files(t1w_preproc: str, icv_mask: str, source_file: str, checkpoints: Sequence[str], *, out_dir: str,
                   mc_samples: int = 15, seed: int = 42, device: str = "auto", num_threads: int | None = None,
                   modality: str = "T1w", icv_ml: float | None = None, fine_only: bool = False,
-                  tta: str = "none", refinement: str = "none") -> dict:
+                  tta: str = "none", refinement: str = "none", parc_checkpoints: Sequence[str] = ()) -> dict:
     """Segment, write every output into ``out_dir``; returns the paths and the QC summary (JSON-friendly).
 
-    ``fine_only``: only the models' own protocol (see the module docstring).
+    ``fine_only``: only the models' own protocol (see the module docstring). ``parc_checkpoints``:
+    a cortical parcellation ensemble run and fused with this one
+    (:func:`bids_app.models.segment.fuse_parcellation`); its outputs are written into
+    ``out_dir/parcellation`` as with ``fine_only`` and returned under ``"parcellation"``.
     """
     import nibabel as nb
 
@@ -139,13 +142,33 @@ def segment_files(t1w_preproc: str, icv_mask: str, source_file: str, checkpoints
         icv_ml = float(mask.sum()) * float(np.prod(vox)) / 1000.0
 
     native = nb.load(str(source_file))
-    refinement, skipped = refinement_for_input(refinement, images.zooms_of(native), checkpoints)
+    refinement, skipped = refinement_for_input(refinement, images.zooms_of(native),
+                                               list(checkpoints) + list(parc_checkpoints))
     if skipped:
         log.warning("%s: %s", source_file, skipped)
-    result = segment_volume(image, list(checkpoints), mc_samples=mc_samples, seed=seed, device=device,
-                            num_threads=num_threads, modality=modality, image_voxel_mm=vox, mask=mask, tta=tta,
-                            refinement=refinement)
+    common = dict(mc_samples=mc_samples, seed=seed, device=device, num_threads=num_threads, modality=modality,
+                  image_voxel_mm=vox, mask=mask, tta=tta)
+    parc = None
+    if parc_checkpoints:
+        if fine_only:
+            raise ValueError("parc_checkpoints cannot be fused into a fine_only (parcellation) run")
+        parc = segment_volume(image, list(parc_checkpoints), refinement="none", **common)
+        result = segment_volume(image, list(checkpoints), refinement="none", **common)
+        fuse_parcellation(result, parc, image, mask=mask, refinement=refinement)
+    else:
+        result = segment_volume(image, list(checkpoints), refinement=refinement, **common)
     del image, mask
+    place = dict(conf=conf, native=native, vox=vox, icv_ml=icv_ml, source_file=source_file, skipped=skipped)
+    outputs = _write_outputs(result, out, fine_only=fine_only, **place)
+    if parc is not None:
+        outputs["parcellation"] = _write_outputs(parc, out / "parcellation", fine_only=True, **place)
+    return outputs
+
+
+def _write_outputs(result, out: Path, *, conf, native, vox, icv_ml: float, source_file: str, fine_only: bool,
+                   skipped: str | None) -> dict:
+    """Every output of one ensemble's result into ``out`` (see the module docstring); the paths and QC summary."""
+    out.mkdir(parents=True, exist_ok=True)
     fine = result.protocol
     protocols = [fine]
     if not fine_only:
@@ -232,7 +255,7 @@ def segment_files(t1w_preproc: str, icv_mask: str, source_file: str, checkpoints
         "Task": "parcellation" if fine_only else "wholebrain",
         "Models": models, "MCSamples": result.n_samples, "Seed": result.seed, "Modality": result.modality,
         "TestTimeAugmentation": result.tta, "Refinement": result.refinement,
-        "RefinementSkipped": skipped, "LabelProtocol": fine.name,
+        "RefinementSkipped": skipped, "Fusion": result.fusion, "LabelProtocol": fine.name,
         "MeanCVPercent": _num(result.mean_cv_percent),
         "QCThresholdPercent": result.qc_threshold, "QCFlag": result.qc_flag,
         "QCCalibration": calibration_summary(result),

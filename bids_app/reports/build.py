@@ -157,8 +157,21 @@ def _parcellation_methods(config) -> str:
         f"{parc.protocol} label protocol) on the same input, with the same Monte-Carlo dropout estimate "
         f"({parc.mc_samples} samples, seed {config.random_seed}) and volume-CV quality control; voxels outside the "
         "intracranial mask were set to background, and the labels were resampled to the grid of the raw T1w with "
-        "nearest-neighbour interpolation." + _tta_sentence(parc.tta) + _refinement_sentence(parc) + refs
+        "nearest-neighbour interpolation." + _tta_sentence(parc.tta) + _refinement_sentence(parc)
+        + _fusion_sentence(seg, len(manifests)) + refs
     )
+
+
+def _fusion_sentence(seg, n_parc: int) -> str:
+    """The methods' sentence on the fusion of the two ensembles ("" when the whole-brain branch does not run)."""
+    if seg is None or not seg.active:
+        return ""
+    n_seg = len(seg.checkpoints)
+    return (f" The two ensembles were fused before any refinement and labelling: the probability of every "
+            f"whole-brain structure was the mean over all {n_seg + n_parc} networks (the parcellation's summed "
+            "into the structures they subdivide), and every parcel received its structure's fused probability in "
+            "the parcellation ensemble's proportions; the parcellation labels were taken top-down (the structure, "
+            "then its most probable parcel), so that the two label maps agree. The QC stayed each ensemble's own.")
 
 
 def write_citation(config, versions) -> Path:

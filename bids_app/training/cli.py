@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="test-time augmentation of every network run (default none)")
     c.add_argument("--refinement", default="none", choices=["intensity", "none"],
                    help="refinement of every network run's probabilities (default none)")
+    c.add_argument("--parc-runs", type=Path, help="folder of <parc-arch>-fold<k> parcellation runs: also score "
+                                                  "the pipeline's fusion of both ensembles (methods fused and "
+                                                  "fused-parc)")
+    c.add_argument("--parc-arch", default="cerebrum", help="architecture of the parcellation runs (default cerebrum)")
 
     m = sub.add_parser("cv-merge", help="combine partial cross-validation runs into one summary")
     m.add_argument("parts", type=Path, nargs="+")
@@ -147,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
                              mc_samples=args.mc_samples, threads=args.threads, jlf_folds=args.jlf_folds,
                              jlf_subjects=args.jlf_subjects, degrade_subjects=args.degrade_subjects,
                              single_mc=args.single_mc, max_subjects=args.max_subjects, subjects=args.subjects,
-                             jlf_only=args.jlf_only, tta=args.tta, refinement=args.refinement)
+                             jlf_only=args.jlf_only, tta=args.tta, refinement=args.refinement,
+                             parc_runs=args.parc_runs, parc_arch=args.parc_arch)
             for method, protocols in summary["methods"].items():
                 print(method, " ".join(f"{p}={v['overall'].get('dice_mean')}" for p, v in protocols.items()))
         elif args.command == "cv-merge":

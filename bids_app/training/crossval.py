@@ -131,15 +131,21 @@ def run_cv(data: Path, runs: Path, out: Path, *, archs: list[str], folds: list[i
            k: int = 3, cv_seed: int = 0, mc_samples: int = 15, threads: int = 2, jlf_folds: list[int] = (),
            jlf_subjects: int = 5, degrade_subjects: int = 0, single_mc: int = 5,
            max_subjects: int | None = None, subjects: list[str] | None = None, jlf_only: bool = False,
-           tta: str = "none", refinement: str = "none") -> dict:
+           tta: str = "none", refinement: str = "none", parc_runs: Path | None = None,
+           parc_arch: str = "cerebrum") -> dict:
     """Cross-validate; writes ``<out>/cv_rows.tsv``, ``cv_summary.json`` and ``qc_study.tsv``.
 
     ``subjects`` keeps only these test subjects; ``jlf_only`` runs the joint-label-fusion peer alone
     (no networks needed), e.g. to extend it to more subjects and merge with ``cv-merge``. ``tta`` is
     the test-time augmentation of every network run (:data:`bids_app.models.segment.TTA_VIEWS`),
-    ``refinement`` its refinement (:data:`bids_app.core.refinement.REFINEMENTS`).
+    ``refinement`` its refinement (:data:`bids_app.core.refinement.REFINEMENTS`). ``parc_runs``
+    (a folder of ``<parc_arch>-fold<k>`` parcellation runs) also scores the pipeline's fusion of the
+    ensemble with the fold's parcellation network (:func:`bids_app.models.segment.fuse_parcellation`,
+    refined with ``refinement``) instead of the ensemble and its members alone: methods ``fused``
+    (the whole-brain labels) and ``fused-parc`` (the parcellation's); the degraded runs stay the
+    ensemble's own.
     """
-    from bids_app.models.segment import segment_volume, tta_views
+    from bids_app.models.segment import fuse_parcellation, segment_volume, tta_views
 
     tta_views(tta)  # an unknown name fails before any work
     if refinement not in REFINEMENTS:
@@ -156,7 +162,8 @@ def run_cv(data: Path, runs: Path, out: Path, *, archs: list[str], folds: list[i
     timing: dict[str, list[float]] = {}
     for fold in folds:
         members = [runs / f"{a}-fold{fold}" / "final" for a in archs]
-        missing = [str(m) for m in members if not m.with_suffix(".json").is_file()]
+        parc_members = [Path(parc_runs) / f"{parc_arch}-fold{fold}" / "final"] if parc_runs else []
+        missing = [str(m) for m in members + parc_members if not m.with_suffix(".json").is_file()]
         if missing and not jlf_only:
             raise FileNotFoundError(f"fold {fold}: no trained model {', '.join(missing)}")
         train_subjects = [s for s in sorted(by_subject) if s not in split[fold]]
@@ -165,7 +172,18 @@ def run_cv(data: Path, runs: Path, out: Path, *, archs: list[str], folds: list[i
                 continue
             image, ref = _load_case(data, by_subject[subject])
             log.info("fold %d subject %s (%d/%d)", fold, subject, i + 1, len(split[fold]))
-            if not jlf_only:
+            if not jlf_only and parc_members:  # the pipeline's fused ensembles (their members are measured without)
+                t0 = time.time()
+                unrefined = dict(run, refinement="none")
+                result = segment_volume(image, members, mc_samples=mc_samples, **unrefined)
+                parc = segment_volume(image, parc_members, mc_samples=mc_samples, **unrefined)
+                fuse_parcellation(result, parc, image, refinement=refinement)
+                timing.setdefault("fused", []).append(time.time() - t0)
+                fused_rows = score(result.labels, ref, subject, "fused", result.protocol.name)
+                rows += fused_rows + score(parc.labels, ref, subject, "fused-parc", parc.protocol.name)
+                qc.append(_qc_row(subject, fold, "clean", result, fused_rows))
+                del result, parc
+            elif not jlf_only:
                 t0 = time.time()
                 result = segment_volume(image, members, mc_samples=mc_samples, **run)
                 timing.setdefault("ensemble", []).append(time.time() - t0)

@@ -217,3 +217,27 @@ def test_parcellation_mode_writes_only_the_fine_outputs(inputs, tmp_path, monkey
     assert set(qc["Protocols"]) == {"dkt-aseg", "deep14"}
     assert len(qc["Protocols"]["dkt-aseg"]["Structures"]) == 92 and qc["Models"][0]["Name"] == "tiny-parc"
     assert qc["Models"][0]["Architecture"] == "cerebrum" and out.qc_flag == qc["QCFlag"]
+
+
+def test_a_fused_parcellation_agrees_with_the_whole_brain_labels(inputs, tmp_path, monkeypatch):
+    from bids_app.core.labels import merge_labels
+
+    ckpt = tiny_parcellation_checkpoint(tmp_path / "tiny-parc")
+    out = _run(inputs, tmp_path / "node", monkeypatch, parc_checkpoints=[str(ckpt)], refinement="intensity")
+    assert out.parc_fine_protocol == "dkt-aseg" and out.fine_protocol == "aseg"
+    aseg = np.asarray(nb.load(out.conformed_aseg_dseg).dataobj)
+    dkt = np.asarray(nb.load(out.parc_conformed_fine_dseg).dataobj)
+    merged = merge_labels(dkt, load_protocol("dkt-aseg"), load_protocol("aseg"))
+    # the parcels of a structure cover exactly the voxels the whole-brain labels give it
+    assert (merged == aseg).all() and (aseg > 0).any()
+    assert nb.load(out.parc_fine_dseg).shape == inputs["shape"]
+    qc, parc_qc = (json.loads(open(f).read()) for f in (out.qc_json, out.parc_qc_json))
+    for q in (qc, parc_qc):
+        assert q["Fusion"]["method"] == "hierarchical" and q["Fusion"]["fine_models"] == ["tiny-parc"]
+        assert q["Refinement"] == "intensity"
+    assert qc["Task"] == "wholebrain" and parc_qc["Task"] == "parcellation"
+    assert parc_qc["Protocols"]["dkt-aseg"]["Structures"] and out.parc_qc_flag == parc_qc["QCFlag"]
+    # each ensemble keeps its own MC-dropout QC: the same models alone give the same CVs
+    alone = _run(inputs, tmp_path / "alone", monkeypatch, refinement="intensity")
+    assert json.loads(open(alone.qc_json).read())["MeanCVPercent"] == qc["MeanCVPercent"]
+    assert json.loads(open(alone.qc_json).read())["Fusion"] is None

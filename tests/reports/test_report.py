@@ -317,3 +317,20 @@ def test_parcellation_section(tmp_path):
     assert skipped["description"] == "Not run: no cortical parcellation models are installed."
     assert parcellation_section(tmp_path, {"parcellation": {"status": "off", "reason": "--no-parc"}}) is None
     assert parcellation_section(tmp_path, {}) is None
+
+
+def test_methods_text_says_the_two_ensembles_were_fused(tmp_path):
+    from types import SimpleNamespace
+
+    from bids_app.config import SegmentationConfig
+    from bids_app.reports.build import _parcellation_methods
+    from tests.conftest import tiny_parcellation_checkpoint, tiny_wholebrain_checkpoint
+
+    seg = SegmentationConfig(checkpoints=(tiny_wholebrain_checkpoint(tmp_path / "seg"),), protocol="aseg")
+    parc = SegmentationConfig(checkpoints=(tiny_parcellation_checkpoint(tmp_path / "parc"),), protocol="dkt-aseg",
+                              task="parcellation")
+    fused = _parcellation_methods(SimpleNamespace(segmentation=seg, parcellation=parc, random_seed=3))
+    assert "mean over all 2 networks" in fused and "top-down" in fused
+    alone = _parcellation_methods(SimpleNamespace(segmentation=SegmentationConfig(enabled=False), parcellation=parc,
+                                                  random_seed=3))
+    assert "fused" not in alone and "Segmentation references" in alone

@@ -98,3 +98,30 @@ def test_jlf_only_for_chosen_subjects_then_merge(setup):
     assert train_main(["cv-merge", str(out), str(setup / "jlf2"), "--out", str(merged)]) == 0
     raw = json.loads((merged / "cv_raw.json").read_text())
     assert {r["subject"] for r in raw["rows"]} == {first, second} and len(raw["timing"]["jlf"]) == 2
+
+
+def test_cv_scores_the_fused_ensembles(setup, capsys):
+    from tests.conftest import tiny_parcellation_checkpoint
+
+    parc_runs = setup / "parc-runs"
+    tiny_parcellation_checkpoint(parc_runs / "cerebrum-fold0" / "final", seed=3)
+    out = setup / "fused"
+    assert train_main(["cv", "--data", str(setup / "data"), "--runs", str(setup / "runs"), "--out", str(out),
+                       "--archs", "cerebrum", "--folds", "0", "--mc-samples", "2", "--threads", "1",
+                       "--refinement", "intensity", "--parc-runs", str(parc_runs)]) == 0
+    summary = json.loads((out / "cv_summary.json").read_text())
+    assert set(summary["methods"]) == {"fused", "fused-parc"}  # instead of the ensemble alone
+    assert set(summary["methods"]["fused-parc"]) == {"dkt-aseg", "aseg", "cerebrum7", "deep14"}
+    raw = json.loads((out / "cv_raw.json").read_text())
+    assert len(raw["timing"]["fused"]) == len(summary["folds"]["0"]) == len(raw["qc"])
+    # the two label maps agree, so both score the same in the whole-brain protocols
+    for protocol in ("aseg", "cerebrum7", "deep14"):
+        fused = {(r["subject"], r["label"]): r["dice"] for r in raw["rows"]
+                 if r["method"] == "fused" and r["protocol"] == protocol}
+        parc = {(r["subject"], r["label"]): r["dice"] for r in raw["rows"]
+                if r["method"] == "fused-parc" and r["protocol"] == protocol}
+        assert fused.keys() == parc.keys() and all(np.isclose(fused[k], parc[k], equal_nan=True) for k in fused)
+    missing = setup / "fused-missing"
+    assert train_main(["cv", "--data", str(setup / "data"), "--runs", str(setup / "runs"), "--out", str(missing),
+                       "--archs", "cerebrum", "--folds", "0", "--parc-runs", str(setup / "parc-runs-none")]) != 0
+    assert "no trained model" in capsys.readouterr().err and not (missing / "cv_summary.json").exists()

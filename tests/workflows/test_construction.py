@@ -379,9 +379,11 @@ def test_wholebrain_threads_and_device_do_not_change_the_hash(env, tmp_path):
 
 
 # --------------------------------------------------------------------------- cortical parcellation
-#: nodes of the parcellation branch per subject: segmentation 3, derivatives 6 (inputnode, dseg, tsv, morph,
-#: qc_sources, ds_qc), reportlet 3
+#: nodes of the parcellation branch per subject: segmentation 3 (only when it runs on its own: beside the
+#: whole-brain branch it runs in that branch's node), derivatives 6 (inputnode, dseg, tsv, morph, qc_sources,
+#: ds_qc), reportlet 3
 PARC_NODES = 12
+PARC_SEGMENT_NODES = 3
 
 
 def _parc_config(tmp_path, **kwargs):
@@ -397,15 +399,19 @@ def test_parcellation_branch_beside_the_wholebrain_one(env, tmp_path):
     wf = _build(env, segmentation=seg, parcellation=parc, omp_nthreads=2, random_seed=7, device="cpu")
     nodes = _flat_nodes(wf)
     names = [n.fullname for n in nodes]
-    assert len(names) == len(set(names)) == 2 * (NODES_PER_SUBJECT + SEG_NODES + PARC_NODES)
-    segment = wf.get_node("sub_01_wf.parcellation_wf.segment")
-    assert segment.inputs.fine_only is True and segment.inputs.checkpoints == [str(parc.checkpoints[0])]
+    assert len(names) == len(set(names)) == 2 * (NODES_PER_SUBJECT + SEG_NODES + PARC_NODES - PARC_SEGMENT_NODES)
+    # one node runs both ensembles and fuses them (fuse_parcellation)
+    assert wf.get_node("sub_01_wf.parcellation_wf") is None
+    segment = wf.get_node("sub_01_wf.wholebrain_seg_wf.segment")
+    assert segment.inputs.fine_only is False and segment.inputs.parc_checkpoints == [str(parc.checkpoints[0])]
     assert (segment.inputs.mc_samples, segment.inputs.seed, segment.inputs.num_threads) == (4, 7, 2)
-    assert wf.get_node("sub_01_wf.wholebrain_seg_wf.segment").inputs.fine_only is False
+    assert segment.mem_gb > 1.0 + 1.5 * 93 * 8e6 * 4 / 1e9  # both ensembles' probabilities
     connected = _connected_inputs(wf)
-    for branch in ("wholebrain_seg_wf", "parcellation_wf"):  # the same inputs, from the same nodes
-        assert {"t1w_preproc", "icv_mask", "icv_ml", "source_file"} <= connected[
-            f"arborseg_wf.sub_01_wf.{branch}.segment"]
+    assert {"t1w_preproc", "icv_mask", "icv_ml", "source_file"} <= connected[
+        "arborseg_wf.sub_01_wf.wholebrain_seg_wf.segment"]
+    edges = {(u.fullname, v.fullname) for u, v in wf._create_flat_graph().edges()}
+    assert ("arborseg_wf.sub_01_wf.wholebrain_seg_wf.outputnode",
+            "arborseg_wf.sub_01_wf.parcellation_derivatives_wf.inputnode") in edges
     # only the fine (seg-dkt) derivatives: no wholebrain/cerebrum7/probseg/entropy duplicates
     sinks = {n.fullname.rsplit(".", 1)[1]: n for n in nodes
              if n.fullname.startswith("arborseg_wf.sub_01_wf.parcellation_derivatives_wf.ds_")}
@@ -432,6 +438,10 @@ def test_parcellation_alone_and_off(env, tmp_path):
     wf = _build(env, parcellation=parc)
     assert len(_flat_nodes(wf)) == 2 * (NODES_PER_SUBJECT + PARC_NODES)
     assert wf.get_node("sub_01_wf.wholebrain_seg_wf") is None
+    segment = wf.get_node("sub_01_wf.parcellation_wf.segment")  # its own node, not fused
+    assert segment.inputs.fine_only is True and segment.inputs.checkpoints == [str(parc.checkpoints[0])]
+    assert {"t1w_preproc", "icv_mask", "icv_ml", "source_file"} <= _connected_inputs(wf)[
+        "arborseg_wf.sub_01_wf.parcellation_wf.segment"]
     for off in (SegmentationConfig(task="parcellation"),
                 SegmentationConfig(enabled=False, checkpoints=parc.checkpoints, task="parcellation",
                                    switched_off_by="--no-parc")):
