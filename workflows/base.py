@@ -68,10 +68,12 @@ def init_single_subject_wf(*, inputs: AnatInputs, bids_dir: Path, output_dir: Pa
     seg_wf = None
     parc_active = parcellation is not None and parcellation.active
     if segmentation is not None and segmentation.active:
+        fuse = parc_active and _can_fuse(segmentation, parcellation)
         seg_wf = _add_wholebrain_seg(wf, inputnode, anat_preproc_wf, inputs=inputs, bids_dir=bids_dir,
                                      output_dir=output_dir, segmentation=segmentation, omp_nthreads=omp_nthreads,
                                      random_seed=random_seed, device=device,
-                                     parcellation=parcellation if parc_active else None)
+                                     parcellation=parcellation if fuse else None)
+        seg_wf = seg_wf if fuse else None
     if parc_active:
         _add_parcellation(wf, inputnode, anat_preproc_wf, inputs=inputs, bids_dir=bids_dir, output_dir=output_dir,
                           parcellation=parcellation, omp_nthreads=omp_nthreads, random_seed=random_seed,
@@ -81,6 +83,19 @@ def init_single_subject_wf(*, inputs: AnatInputs, bids_dir: Path, output_dir: Pa
                         template=template.name, cerebellum=cerebellum, omp_nthreads=omp_nthreads,
                         random_seed=random_seed, device=device)
     return wf
+
+
+def _can_fuse(segmentation: SegmentationConfig, parcellation: SegmentationConfig) -> bool:
+    """Whether the parcellation's protocol merges into the whole-brain one (then one node fuses both)."""
+    from bids_app.core.labels import ProtocolError, merge_chain
+
+    try:
+        merge_chain(parcellation.protocol or "dkt-aseg", segmentation.protocol or "aseg")
+    except ProtocolError:
+        LOGGER.info("the %s parcellation does not subdivide the %s protocol: the two ensembles run apart",
+                    parcellation.protocol, segmentation.protocol)
+        return False
+    return True
 
 
 def _add_wholebrain_seg(wf, inputnode, anat_preproc_wf, *, inputs: AnatInputs, bids_dir: Path, output_dir: Path,

@@ -451,3 +451,12 @@ def test_parcellation_alone_and_off(env, tmp_path):
     assert "--parc-models" in SegmentationConfig(task="parcellation").reason
     assert SegmentationConfig(enabled=False, task="parcellation", switched_off_by="--no-parc").reason == \
         "switched off with --no-parc"
+
+
+def test_fusion_needs_a_parcellation_that_subdivides_the_wholebrain_protocol():
+    from bids_app.config import SegmentationConfig
+
+    parc = SegmentationConfig(protocol="dkt-aseg", task="parcellation")
+    assert base._can_fuse(SegmentationConfig(protocol="aseg"), parc)
+    assert base._can_fuse(SegmentationConfig(protocol="cerebrum7"), parc)  # through aseg
+    assert not base._can_fuse(SegmentationConfig(protocol="hemispheres"), parc)
