@@ -115,7 +115,15 @@ def test_wholebrain_segmentation_is_sensible(realworld, sub):
         assert qc["Refinement"] == "none" and "5.50 mm" in qc["RefinementSkipped"]
     else:
         assert qc["Refinement"] == "intensity" and qc["RefinementSkipped"] is None
-    assert (anat / f"sub-{sub}_seg-dkt_dseg.nii.gz").is_file()
+    # the parcellation is fused with the whole-brain ensemble: its parcels merged into aseg are the aseg labels
+    from bids_app.core.labels import load_protocol, merge_labels
+
+    dkt = np.asarray(nb.load(str(anat / f"sub-{sub}_seg-dkt_dseg.nii.gz")).dataobj)
+    merged = merge_labels(dkt, load_protocol("dkt-aseg"), load_protocol("aseg"))
+    assert (merged == np.asarray(dseg.dataobj)).all()
+    parc_qc = json.loads((anat / f"sub-{sub}_seg-dkt_qc.json").read_text())
+    assert qc["Fusion"]["method"] == parc_qc["Fusion"]["method"] == "hierarchical"
+    assert parc_qc["Refinement"] == qc["Refinement"]
 
 
 def test_group_outputs(realworld):
