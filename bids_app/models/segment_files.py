@@ -25,8 +25,15 @@ ran and ``RefinementSkipped`` why not (in the cross-validation, simulated 5 mm s
 its label maps, ``dseg.tsv``, ``morph.tsv`` and ``qc.json`` (with the deep-structure QC when the
 protocol merges into ``deep14``); no coarser protocols, probability maps or entropy.
 
+``parc_checkpoints`` (the pipeline's default when both branches run) also runs the cortical
+parcellation ensemble, unrefined like this one, fuses the two
+(:func:`bids_app.models.segment.fuse_parcellation`: the refinement then runs once, on the fused
+whole-brain probabilities) and writes the parcellation's ``fine_only`` outputs into
+``out_dir/parcellation``.
+
 Memory: the fine protocol's probabilities on the conformed grid, plus one conformed and one
 native volume at a time; the probabilities are released before the label maps are resampled.
+With ``parc_checkpoints``, both ensembles' probabilities are held during the fusion.
 
 ``python -m bids_app.models.segment_files SPEC.json OUTPUTS.json`` runs it in a fresh process
 (what the Nipype interface does): PyTorch's OpenMP thread pool does not survive ``fork()``, so a
@@ -155,6 +162,7 @@ def segment_files(t1w_preproc: str, icv_mask: str, source_file: str, checkpoints
         parc = segment_volume(image, list(parc_checkpoints), refinement="none", **common)
         result = segment_volume(image, list(checkpoints), refinement="none", **common)
         fuse_parcellation(result, parc, image, mask=mask, refinement=refinement)
+        parc.probabilities = None  # its labels are taken; only the whole-brain probabilities are written
     else:
         result = segment_volume(image, list(checkpoints), refinement=refinement, **common)
     del image, mask
