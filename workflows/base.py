@@ -86,9 +86,15 @@ def init_single_subject_wf(*, inputs: AnatInputs, bids_dir: Path, output_dir: Pa
 
 
 def _can_fuse(segmentation: SegmentationConfig, parcellation: SegmentationConfig) -> bool:
-    """Whether the parcellation's protocol merges into the whole-brain one (then one node fuses both)."""
+    """Whether one node can run and fuse both ensembles: the parcellation's protocol merges into the whole-brain
+    one, and both branches have the same MC samples, test-time augmentation and refinement."""
     from bids_app.core.labels import ProtocolError, merge_chain
 
+    settings = [(c.mc_samples, c.tta, c.refinement) for c in (segmentation, parcellation)]
+    if settings[0] != settings[1]:
+        LOGGER.info("the whole-brain and parcellation branches differ in MC samples, TTA or refinement (%s, %s): "
+                    "the two ensembles run apart", *settings)
+        return False
     try:
         merge_chain(parcellation.protocol or "dkt-aseg", segmentation.protocol or "aseg")
     except ProtocolError:

@@ -460,3 +460,6 @@ def test_fusion_needs_a_parcellation_that_subdivides_the_wholebrain_protocol():
     assert base._can_fuse(SegmentationConfig(protocol="aseg"), parc)
     assert base._can_fuse(SegmentationConfig(protocol="cerebrum7"), parc)  # through aseg
     assert not base._can_fuse(SegmentationConfig(protocol="hemispheres"), parc)
+    assert not base._can_fuse(SegmentationConfig(protocol="aseg", mc_samples=parc.mc_samples + 1), parc)
+    assert not base._can_fuse(SegmentationConfig(protocol="aseg", tta="flip"), parc)
+    assert not base._can_fuse(SegmentationConfig(protocol="aseg", refinement="intensity"), parc)
