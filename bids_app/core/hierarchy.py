@@ -3,7 +3,7 @@
 The cortical parcellation (``dkt-aseg``, 93 classes) refines the whole-brain protocol (``aseg``):
 every parcellation class has one parent structure (the merge table ``dkt-aseg_to_aseg.tsv``, e.g.
 the 31 left cortical parcels -> Left-Cerebral-Cortex). Two ensembles that segment the same
-structures at two granularities can then be combined in two steps, pure numpy:
+structures at two granularities can then be combined in three steps, pure numpy:
 
 1. :func:`pooled_parent_probabilities`: the parent protocol's probabilities of both ensembles
    (the fine one summed into its parents) averaged with one weight per network, so that every
@@ -12,7 +12,6 @@ structures at two granularities can then be combined in two steps, pure numpy:
    children of every parent sum to the parent's pooled probability while keeping the fine
    ensemble's split between them: ``q_c = (p_c + eps) / (sum_{c' in parent} p_c' + n_parent eps)
    * P_parent`` (``eps`` keeps the split uniform where the fine ensemble gives a parent no mass).
-
 3. :func:`hierarchical_classes`: the fine labels taken top-down: the parent structure by the
    parent probabilities' argmax, then its most probable child. (A plain argmax over the fine
    classes would not agree with the parent labels where a parent's mass is split between
