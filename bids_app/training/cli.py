@@ -1,6 +1,7 @@
 """``arborseg-train``: pack training data, train (one model or a cross-validation fold), export.
 
     arborseg-train prepare OUT --oasis DIR [--mindboggle DIR] [--synthseg DIR] [--protocol dkt-aseg]
+    arborseg-train slim DATA OUT --folders oasis mindboggle [--init MANIFEST.json ...] [--max-mib 60]
     arborseg-train fit CONFIG.toml --data DIR --run RUN_DIR [--fold K] [--device cpu] [--threads N]
                                    [--iterations N] [--stop-after N] [--no-resume]
                                    [--time-budget SECONDS]
@@ -39,6 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--voxel-size", type=int, default=2, help="integer block factor from 1 mm (default 2)")
     p.add_argument("--library", type=Path, help="cerebellum library folder (arborseg-build-library)")
     p.add_argument("--priors", type=Path, help="with --library: folder of <case>_prior.npy atlas priors")
+
+    s = sub.add_parser("slim", help="a training-only copy of packed folders (no 1 mm evaluation arrays) and the "
+                                    "models to start from, for a training machine that takes a small upload")
+    s.add_argument("data", type=Path, help="folder holding the packed folders")
+    s.add_argument("out", type=Path)
+    s.add_argument("--folders", nargs="+", default=[], help="packed folders to copy (e.g. oasis mindboggle)")
+    s.add_argument("--init", type=Path, nargs="+", default=[],
+                   help="model manifests to copy to OUT/init/<name> (a config's init_from)")
+    s.add_argument("--max-mib", type=float, help="fail when the copy is larger than this")
 
     f = sub.add_parser("fit", help="train one network")
     f.add_argument("config", type=Path)
@@ -124,6 +134,13 @@ def main(argv: list[str] | None = None) -> int:
             index = prepare(args.out, oasis=args.oasis, mindboggle=args.mindboggle, synthseg=args.synthseg,
                             protocol=args.protocol, factor=args.voxel_size)
             print(f"{len(index['cases'])} cases written to {args.out}")
+        elif args.command == "slim":
+            from .prepare import slim_packs
+
+            summary = slim_packs(args.data, args.out, args.folders, init=args.init, max_mib=args.max_mib)
+            cases = ", ".join(f"{k} {v} cases" for k, v in summary["folders"].items()) or "no packed folders"
+            print(f"{args.out}: {cases}, {len(summary['init'])} models to start from, "
+                  f"{summary['bytes'] / 2**20:.1f} MiB")
         elif args.command == "fit":
             from .trainer import TrainConfig, fit, fit_segnet
 

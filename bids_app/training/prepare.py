@@ -182,6 +182,79 @@ def prepare(out_dir: Path, *, oasis: Path | None = None, mindboggle: Path | None
     return index
 
 
+
+#: the arrays a training run never reads: the 1 mm image, reference and affine of the evaluation
+EVALUATION_ARRAYS = ("img1", "lab1", "affine1")
+
+
+def _tree_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+def slim_packs(data: Path, out: Path, folders: list[str], *, init: list[Path] = (),
+               max_mib: float | None = None) -> dict:
+    """A training-only copy of packed folders, for a training machine that takes a small upload.
+
+    Every ``data/<folder>`` (written by :func:`prepare`) is copied to ``out/<folder>`` without the
+    arrays of :data:`EVALUATION_ARRAYS` (the cross-validation reads those where the packs were made,
+    training does not). Every model of ``init`` (a manifest ``.json`` or its stem) is copied with its
+    weights to ``out/init/<its manifest name>``, where a config's ``init_from`` finds it. With
+    ``max_mib``, a copy larger than that is an error (a ``ValueError`` naming its size).
+
+    Returns ``{"folders": {folder: cases}, "init": [names], "bytes": size of out}``.
+    """
+    import shutil
+
+    from bids_app.models.checkpoint import _read_manifest, _split_path, validate_manifest
+
+    data, out = Path(data), Path(out)
+    if out.resolve() == data.resolve() or data.resolve() in out.resolve().parents:
+        raise ValueError(f"{out}: the slim copy must be outside the packed data {data}")
+    if not folders and not init:
+        raise ValueError("nothing to copy: name packed folders and/or models to start from (init)")
+    sources = []
+    for folder in folders:
+        index_path = data / folder / "index.json"
+        if not index_path.is_file():
+            raise FileNotFoundError(f"{index_path}: no packed folder here (run `arborseg-train prepare` first)")
+        sources.append((folder, json.loads(index_path.read_text())))
+    models = []
+    for path in init:
+        manifest_path, weights_path = _split_path(path)
+        if not manifest_path.is_file() or not weights_path.is_file():
+            raise FileNotFoundError(f"{path}: a model needs its manifest {manifest_path.name} and weights "
+                                    f"{weights_path.name}")
+        manifest = validate_manifest(_read_manifest(manifest_path), where=str(manifest_path))
+        models.append((manifest["name"], manifest_path, weights_path))
+    names = [name for name, _, _ in models]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two models to start from share a name: {', '.join(sorted(names))}")
+
+    summary: dict = {"folders": {}, "init": names}
+    for folder, index in sources:
+        (out / folder).mkdir(parents=True, exist_ok=True)
+        for entry in index["cases"]:
+            stem = entry.get("file", entry["case"])
+            with np.load(data / folder / f"{stem}.npz") as npz:
+                arrays = {k: npz[k] for k in npz.files if k not in EVALUATION_ARRAYS}
+            _save_npz(out / folder / f"{stem}.npz", arrays)
+        with atomic_output(out / folder / "index.json") as tmp:  # last: a complete folder or none
+            Path(tmp).write_text(json.dumps(index, indent=1) + "\n")
+        summary["folders"][folder] = len(index["cases"])
+        log.info("%s: %d cases copied without the 1 mm evaluation arrays", folder, len(index["cases"]))
+    for name, manifest_path, weights_path in models:
+        (out / "init").mkdir(parents=True, exist_ok=True)
+        # the weights first: a manifest is only ever beside its weights
+        with atomic_output(out / "init" / f"{name}.safetensors") as tmp:
+            shutil.copyfile(weights_path, tmp)
+        with atomic_output(out / "init" / f"{name}.json") as tmp:
+            shutil.copyfile(manifest_path, tmp)
+    summary["bytes"] = _tree_bytes(out)
+    log.info("%s: %.1f MiB", out, summary["bytes"] / 2**20)
+    if max_mib is not None and summary["bytes"] > max_mib * 2**20:
+        raise ValueError(f"{out}: {summary['bytes'] / 2**20:.1f} MiB, more than the {max_mib:g} MiB allowed")
+    return summary
+
 def prepare_library_case(t1w: np.ndarray, lobules: np.ndarray, full: np.ndarray, affine: np.ndarray,
                          factor: int = 1, prior: np.ndarray | None = None) -> dict:
     """One cerebellum-library case (crop grid): the T1w, the lobule classes, the generation labels of

@@ -15,6 +15,7 @@ from bids_app.training.cli import main as train_main
 from bids_app.training.losses import SegmentationLoss, dice_loss, hard_dice
 from bids_app.training.prepare import block_affine, block_mean, block_mode, kfold_subjects
 from bids_app.training.trainer import TrainConfig, budget_iterations, fit, learning_rate
+from tests.conftest import tiny_wholebrain_checkpoint, tree_state
 
 
 def test_block_mean_mode_and_affine():
@@ -210,6 +211,45 @@ def test_cli_fit_export_and_errors(tmp_path, capsys):
     assert train_main(["fit", str(bad), "--data", str(tmp_path / "data"), "--run", str(tmp_path / "y")]) == 2
     assert train_main(["folds", str(cfg_path), "--data", str(tmp_path / "data")]) == 0
     assert "fold 0" in capsys.readouterr().out
+
+
+def test_slim_copy_trains_without_evaluation_arrays_and_carries_init_models(tmp_path, capsys):
+    data = tmp_path / "data"
+    _pack(data / "packed")
+    for npz_path in sorted((data / "packed").glob("c*.npz")):  # the real cases get their 1 mm arrays, as prepare
+        with np.load(npz_path) as npz:
+            arrays = dict(npz)
+        if "img2" in arrays:
+            arrays.update(img1=np.ones((32, 32, 32), np.float16), lab1=np.zeros((32, 32, 32), np.int16),
+                          affine1=np.eye(4))
+        np.savez(npz_path, **arrays)
+    source_state = tree_state(data)
+    model = tiny_wholebrain_checkpoint(tmp_path / "models" / "tiny-seven", protocol="cerebrum7")
+    out = tmp_path / "slim"
+    assert train_main(["slim", str(data), str(out), "--folders", "packed", "--init", str(model)]) == 0
+    assert "packed 4 cases, 1 models to start from" in capsys.readouterr().out
+    assert tree_state(data) == source_state  # the packs are read, never written
+    for npz_path in sorted((out / "packed").glob("*.npz")):
+        with np.load(npz_path) as slim, np.load(data / "packed" / npz_path.name) as full:
+            assert not {"img1", "lab1", "affine1"} & set(slim.files)
+            for key in slim.files:
+                np.testing.assert_array_equal(slim[key], full[key])
+    assert json.loads((out / "packed" / "index.json").read_text()) == \
+        json.loads((data / "packed" / "index.json").read_text())
+    _, manifest = load_checkpoint(out / "init" / "tiny-seven")
+    assert manifest["name"] == "tiny-seven"
+    # a run trains from the slim copy and starts from the copied model
+    cfg_path = _config(tmp_path, iterations=1)
+    cfg_path.write_text(cfg_path.read_text().replace('folders = ["packed"]', 'folders = ["packed"]\n'
+                                                     'init_from = "init/tiny-seven"'))
+    assert train_main(["fit", str(cfg_path), "--data", str(out), "--run", str(tmp_path / "r"), "--threads", "1"]) == 0
+    # bad input: a folder that is not packed, a copy over the size limit, a copy inside the data
+    assert train_main(["slim", str(data), str(tmp_path / "s2"), "--folders", "missing"]) == 2
+    assert "missing/index.json: no packed folder here" in capsys.readouterr().err
+    assert train_main(["slim", str(data), str(tmp_path / "s3"), "--folders", "packed", "--max-mib", "0.001"]) == 2
+    assert "MiB, more than the 0.001 MiB allowed" in capsys.readouterr().err
+    assert train_main(["slim", str(data), str(data / "inside"), "--folders", "packed"]) == 2
+    assert "must be outside the packed data" in capsys.readouterr().err
 
 
 def test_protocol_of_training_configs_matches_models():
