@@ -205,7 +205,7 @@ def slim_packs(data: Path, out: Path, folders: list[str], *, init: list[Path] = 
     """
     import shutil
 
-    from bids_app.models.checkpoint import _read_manifest, _split_path, validate_manifest
+    from bids_app.models.checkpoint import _split_path, load_checkpoint
 
     data, out = Path(data), Path(out)
     if out.resolve() == data.resolve() or data.resolve() in out.resolve().parents:
@@ -224,7 +224,7 @@ def slim_packs(data: Path, out: Path, folders: list[str], *, init: list[Path] = 
         if not manifest_path.is_file() or not weights_path.is_file():
             raise FileNotFoundError(f"{path}: a model needs its manifest {manifest_path.name} and weights "
                                     f"{weights_path.name}")
-        manifest = validate_manifest(_read_manifest(manifest_path), where=str(manifest_path))
+        _, manifest = load_checkpoint(manifest_path)  # a damaged model fails here, not on the training machine
         models.append((manifest["name"], manifest_path, weights_path))
     names = [name for name, _, _ in models]
     if len(set(names)) != len(names):
